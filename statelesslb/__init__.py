@@ -1,0 +1,3 @@
+"""statelesslb: stateless MAC-mode load balancing on OVN gateways."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,140 @@
+"""Every option statelesslb reads, in one place (oslo.config).
+
+`list_opts()` feeds oslo-config-generator, which writes
+etc/statelesslb/statelesslb.conf.sample.
+"""
+
+from __future__ import annotations
+
+from oslo_config import cfg
+
+CONF = cfg.CONF
+
+DEFAULT_OPTS = [
+    cfg.BoolOpt("debug", default=False, help="Log at DEBUG level."),
+    cfg.StrOpt("log_file", help="Log to this file instead of standard error."),
+    cfg.StrOpt(
+        "unixctl_path",
+        default="/var/run/statelesslb/statelesslb-agent.ctl",
+        help="Unix socket where statelesslb-ctl reaches the agent. Created mode 0600.",
+    ),
+]
+
+OVN_OPTS = [
+    cfg.StrOpt(
+        "ovn_nb_connection",
+        default="unix:/var/run/ovn/ovnnb_db.sock",
+        help="OVN Northbound database remote, e.g. ssl:192.0.2.10:6641.",
+    ),
+    cfg.StrOpt(
+        "ovn_sb_connection",
+        help="OVN Southbound database remote. Default: external_ids:ovn-remote of the "
+        "local Open_vSwitch row, the one ovn-controller uses.",
+    ),
+    cfg.StrOpt("ovn_nb_private_key", help="SSL private key for the NB connection."),
+    cfg.StrOpt("ovn_nb_certificate", help="SSL certificate for the NB connection."),
+    cfg.StrOpt("ovn_nb_ca_cert", help="SSL CA certificate for the NB connection."),
+    cfg.StrOpt("ovn_sb_private_key", help="SSL private key for the SB connection."),
+    cfg.StrOpt("ovn_sb_certificate", help="SSL certificate for the SB connection."),
+    cfg.StrOpt("ovn_sb_ca_cert", help="SSL CA certificate for the SB connection."),
+    cfg.IntOpt(
+        "ovsdb_timeout", default=60, min=1, help="Timeout in seconds for OVSDB transactions."
+    ),
+]
+
+OVS_OPTS = [
+    cfg.StrOpt(
+        "ovsdb_connection",
+        default="unix:/var/run/openvswitch/db.sock",
+        help="The local Open vSwitch database (where ovn-controller's settings live).",
+    ),
+    cfg.StrOpt(
+        "bridge",
+        help="Integration bridge. Default: external_ids:ovn-bridge of the local "
+        "Open_vSwitch row, else br-int.",
+    ),
+    cfg.StrOpt(
+        "ofctl_target",
+        help="What ovs-ofctl connects to for the bridge, e.g. unix:/var/run/openvswitch/"
+        "br-int.mgmt. Default: that path, built from ovs_rundir and the bridge name.",
+    ),
+    cfg.StrOpt("ovs_rundir", default="/var/run/openvswitch", help="OVS run directory."),
+    cfg.StrOpt("ofctl_path", default="ovs-ofctl", help="The ovs-ofctl binary."),
+    cfg.IntOpt("ofctl_timeout", default=20, min=1, help="Seconds before ovs-ofctl is killed."),
+]
+
+STATELESSLB_OPTS = [
+    cfg.IntOpt(
+        "group_id_base",
+        default=0x70000000,
+        min=0x100000,
+        max=0xE0000000,
+        help="Our OpenFlow group ids are this plus each VIP's id. Keep it far above "
+        "OVN's own range (1..65535 in 23.03, a compact pool from 1 up in later releases).",
+    ),
+    cfg.IntOpt(
+        "cookie_prefix",
+        default=0x51B0,
+        min=1,
+        max=0xFFFF,
+        help="Top 16 bits of every flow cookie we install. Non-zero, so no cookie of ours "
+        "can equal one of OVN's (which are below 2**32); deletions use this as a mask.",
+    ),
+    cfg.IntOpt(
+        "gateway_priority",
+        default=1000,
+        min=101,
+        max=65535,
+        help="Priority of the gateway's VIP intercept flows (above northd's LB flows).",
+    ),
+    cfg.IntOpt(
+        "backend_priority",
+        default=1000,
+        min=101,
+        max=65535,
+        help="Priority of the DNAT / un-DNAT flows on the backend's chassis.",
+    ),
+    cfg.IntOpt(
+        "sentinel_table",
+        default=250,
+        min=100,
+        max=254,
+        help="Table of the sentinel flow whose deletion reveals that ovn-controller "
+        "wiped the bridge. Must be a table OVN does not use.",
+    ),
+    cfg.BoolOpt(
+        "nb_writer",
+        default=True,
+        help="Take part in the election (an OVSDB lock) for the one agent that validates "
+        "marked load balancers and writes their bucket ids and status to the NB.",
+    ),
+    cfg.FloatOpt(
+        "resync_interval",
+        default=60.0,
+        min=1.0,
+        help="Seconds between full re-reads of installed flows and groups, compared "
+        "against the desired state (catches anything changed behind our back).",
+    ),
+    cfg.FloatOpt(
+        "debounce",
+        default=0.02,
+        min=0.0,
+        help="Seconds to gather database changes before recomputing.",
+    ),
+]
+
+
+def register_opts(conf: cfg.ConfigOpts = CONF) -> None:
+    conf.register_opts(DEFAULT_OPTS)
+    conf.register_opts(OVN_OPTS, group="ovn")
+    conf.register_opts(OVS_OPTS, group="ovs")
+    conf.register_opts(STATELESSLB_OPTS, group="statelesslb")
+
+
+def list_opts():
+    return [
+        (None, DEFAULT_OPTS),
+        ("ovn", OVN_OPTS),
+        ("ovs", OVS_OPTS),
+        ("statelesslb", STATELESSLB_OPTS),
+    ]

@@ -1,0 +1,116 @@
+"""Plain, immutable views of the NB, SB and local state the planner works from.
+
+The watchers build these from ovsdbapp rows; the pure core (validate, buckets,
+planner) sees nothing else, so it can be unit- and property-tested without I/O.
+Values here are raw database strings: nothing in them is trusted until
+`statelesslb.validate` has parsed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# Keys statelesslb owns in NB Load_Balancer rows.
+MODE_OPTION = "stateless_mode"          # options:stateless_mode=mac marks an LB
+MODE_MAC = "mac"
+EXT_PREFIX = "statelesslb:"
+EXT_BUCKETS = EXT_PREFIX + "buckets"    # JSON {"10.0.0.11:8080": 1, ...}
+EXT_VIP_IDS = EXT_PREFIX + "vip_ids"    # JSON {"172.16.0.100:80": 7, ...}
+EXT_STATUS = EXT_PREFIX + "status"      # "ok" or "error: ..." / "pending: ..."
+EXT_DRAIN = EXT_PREFIX + "drain"        # JSON ["10.0.0.11:8080", ...]
+
+
+@dataclass(frozen=True)
+class NbLoadBalancer:
+    uuid: str
+    name: str
+    protocol: str | None
+    vips: Mapping[str, str]
+    options: Mapping[str, str] = field(default_factory=dict)
+    external_ids: Mapping[str, str] = field(default_factory=dict)
+    ip_port_mappings: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_stateless(self) -> bool:
+        return self.options.get(MODE_OPTION) == MODE_MAC
+
+
+@dataclass(frozen=True)
+class NbRouterPort:
+    uuid: str
+    name: str
+    mac: str
+    networks: tuple[str, ...]
+    # True when the port has gateway_chassis or an ha_chassis_group: a DGP.
+    is_gateway: bool = False
+
+
+@dataclass(frozen=True)
+class NbRouter:
+    uuid: str
+    name: str
+    ports: tuple[str, ...]            # NbRouterPort names
+    load_balancers: tuple[str, ...]   # NbLoadBalancer uuids
+
+
+@dataclass(frozen=True)
+class NbSwitchPort:
+    uuid: str
+    name: str
+    type: str
+    addresses: tuple[str, ...]
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NbSwitch:
+    uuid: str
+    name: str
+    ports: tuple[str, ...]            # NbSwitchPort names
+
+
+@dataclass(frozen=True)
+class NbView:
+    """The NB tables the validator needs, keyed for lookup."""
+
+    load_balancers: Mapping[str, NbLoadBalancer]   # by uuid
+    routers: Mapping[str, NbRouter]                # by uuid
+    router_ports: Mapping[str, NbRouterPort]       # by name
+    switches: Mapping[str, NbSwitch]               # by uuid
+    switch_ports: Mapping[str, NbSwitchPort]       # by name
+
+
+@dataclass(frozen=True)
+class SbPortBinding:
+    logical_port: str
+    tunnel_key: int
+    datapath_key: int
+    chassis: str | None               # Chassis.name where bound, None if unbound
+
+
+@dataclass(frozen=True)
+class SbView:
+    # NB Logical_Router / Logical_Switch uuid -> SB Datapath_Binding tunnel_key
+    datapath_keys: Mapping[str, int]
+    port_bindings: Mapping[str, SbPortBinding]     # by logical_port
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """OpenFlow tables of the running ovn-controller, derived at run time."""
+
+    lr_in_intercept: int   # router ingress stage before DNAT (lr_in_defrag)
+    ls_out_intercept: int  # first switch egress stage
+    ls_out_next: int       # the egress stage after it
+    ls_in_intercept: int   # first switch ingress stage after port security
+    ls_in_next: int        # the ingress stage after it
+    output: int            # where the logical `output;` action resubmits
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    nb: NbView
+    sb: SbView
+    chassis: str           # this chassis' name (Open_vSwitch external_ids:system-id)
+    tables: TableLayout
