@@ -1,0 +1,318 @@
+"""statelesslb-agent: keeps this chassis' stateless-LB flows and groups in place.
+
+One loop, recompute-from-scratch: any change in the NB, the SB or the local
+OVS database marks the state dirty; the loop takes a snapshot of all three,
+plans the desired flows and groups (pure), diffs them against what is installed
+and applies the difference as one atomic OpenFlow bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from oslo_config import cfg
+
+from statelesslb import config, diff, nbwriter, planner, tables, watchers
+from statelesslb.ctlserver import CtlServer
+from statelesslb.model import Snapshot, TableLayout
+from statelesslb.openflow import InstalledState, Ofctl, OfctlError
+from statelesslb.wipe import WipeMonitor
+
+LOG = logging.getLogger("statelesslb.agent")
+
+NB_LOCK = "statelesslb_nb_writer"
+
+
+@dataclass
+class AgentStatus:
+    chassis: str = ""
+    bridge_target: str = ""
+    started_at: float = field(default_factory=time.time)
+    last_full_sync: float | None = None
+    last_apply: float | None = None
+    last_error: str | None = None
+    iterations: int = 0
+    bundles_applied: int = 0
+    wipes_seen: int = 0
+    flows_expected: int = 0
+    groups_expected: int = 0
+    flows_installed: int | None = None
+    groups_installed: int | None = None
+    nb_writer: bool = False
+    layout: dict | None = None
+
+
+class Agent:
+    def __init__(self, conf: cfg.ConfigOpts):
+        self.conf = conf
+        self.status = AgentStatus()
+        self.plan: planner.Plan | None = None
+        self.snapshot: Snapshot | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._mutex = threading.Lock()
+        self._full_resync = True
+        self._layout_stale = True
+        self._layout: TableLayout | None = None
+        self._installed: InstalledState | None = None
+        self._next_periodic = 0.0
+        self._retry_at: float | None = None
+        slb = conf.statelesslb
+        self.plan_config = planner.PlanConfig(
+            group_id_base=slb.group_id_base,
+            cookie_prefix=slb.cookie_prefix,
+            gateway_priority=slb.gateway_priority,
+            backend_priority=slb.backend_priority,
+            sentinel_table=slb.sentinel_table,
+        )
+        self.ovs = self.nb = self.sb = None
+        self.ofctl: Ofctl | None = None
+        self.monitor: WipeMonitor | None = None
+        self.ctl: CtlServer | None = None
+        self.writer: nbwriter.NbWriter | None = None
+
+    # -- change notifications (called from other threads) --------------------
+    def _on_change(self, source: str, reconnected: bool) -> None:
+        if reconnected:
+            with self._mutex:
+                self._full_resync = True
+        self._wake.set()
+
+    def _on_wipe(self, reason: str) -> None:
+        LOG.info("full resync requested: %s", reason)
+        with self._mutex:
+            self._full_resync = True
+            self._layout_stale = True
+            self.status.wipes_seen += 1
+        self._wake.set()
+
+    def request_resync(self) -> None:
+        self._on_wipe("requested")
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        conf = self.conf
+        self.ovs = watchers.Watcher(
+            "ovs", "Open_vSwitch", conf.ovs.ovsdb_connection, watchers.OVS_TABLES,
+            self._on_change, timeout=conf.ovn.ovsdb_timeout,
+        )
+        self.ovs.start()
+        ext = self._wait_for_chassis_settings()
+        self.status.chassis = ext["system-id"]
+        sb_remote = conf.ovn.ovn_sb_connection or ext.get("ovn-remote")
+        if not sb_remote:
+            raise SystemExit("no SB remote: set [ovn] ovn_sb_connection or ovn-remote")
+        bridge = conf.ovs.bridge or ext.get("ovn-bridge") or "br-int"
+        target = conf.ovs.ofctl_target or f"unix:{conf.ovs.ovs_rundir}/{bridge}.mgmt"
+        self.status.bridge_target = target
+        _configure_ssl(conf)
+        self.sb_remote = sb_remote
+        self.nb = watchers.Watcher(
+            "nb", "OVN_Northbound", conf.ovn.ovn_nb_connection, watchers.NB_TABLES,
+            self._on_change, timeout=conf.ovn.ovsdb_timeout,
+            lock_name=NB_LOCK if conf.statelesslb.nb_writer else None,
+        )
+        self.sb = watchers.Watcher(
+            "sb", "OVN_Southbound", sb_remote, watchers.SB_TABLES,
+            self._on_change, timeout=conf.ovn.ovsdb_timeout,
+        )
+        self.nb.start()
+        self.sb.start()
+        if conf.statelesslb.nb_writer:
+            self.writer = nbwriter.NbWriter(self.nb)
+        self.ofctl = Ofctl(target, conf.ovs.ofctl_path, conf.ovs.ofctl_timeout)
+        self.monitor = WipeMonitor(
+            target, conf.statelesslb.sentinel_table, self._on_wipe, conf.ovs.ofctl_path
+        )
+        self.monitor.start()
+        if conf.unixctl_path:
+            self.ctl = CtlServer(conf.unixctl_path, self)
+            self.ctl.start()
+        LOG.info("statelesslb-agent started on chassis %s (bridge %s, SB %s)",
+                 self.status.chassis, target, sb_remote)
+
+    def _wait_for_chassis_settings(self) -> dict[str, str]:
+        deadline = time.monotonic() + 300
+        while True:
+            ext = watchers.read_local_ovs(self.ovs)
+            if ext.get("system-id"):
+                return ext
+            if time.monotonic() > deadline:
+                raise SystemExit("Open_vSwitch external_ids:system-id is not set")
+            LOG.info("waiting for external_ids:system-id in the local OVS database")
+            time.sleep(1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for part in (self.monitor, self.ctl):
+            if part is not None:
+                part.stop()
+        for watcher in (self.nb, self.sb, self.ovs):
+            if watcher is not None:
+                watcher.stop()
+
+    def run(self) -> None:
+        self._wake.set()
+        while not self._stop.is_set():
+            timeout = max(0.0, self._next_periodic - time.monotonic())
+            if self._retry_at is not None:
+                timeout = min(timeout, max(0.0, self._retry_at - time.monotonic()))
+            self._wake.wait(timeout)
+            if self._stop.is_set():
+                break
+            # Gather a burst of changes into one recompute.
+            time.sleep(self.conf.statelesslb.debounce)
+            self._wake.clear()
+            now = time.monotonic()
+            if now >= self._next_periodic:
+                with self._mutex:
+                    self._full_resync = True
+                self._next_periodic = now + self.conf.statelesslb.resync_interval
+            self._retry_at = None
+            try:
+                self.iterate()
+            except Exception as exc:  # keep serving; the next iteration retries
+                LOG.exception("iteration failed: %s", exc)
+                self.status.last_error = f"{type(exc).__name__}: {exc}"
+                self._schedule_retry(1.0)
+
+    def _schedule_retry(self, delay: float) -> None:
+        self._retry_at = time.monotonic() + delay
+
+    # -- one recompute ------------------------------------------------------------
+    def iterate(self) -> None:
+        self.status.iterations += 1
+        with self._mutex:
+            full = self._full_resync
+            layout_stale = self._layout_stale
+            self._full_resync = False
+            self._layout_stale = False
+        if self.writer is not None:
+            self.status.nb_writer = self.nb.has_lock
+            if self.nb.has_lock:
+                self.writer.reconcile(watchers.read_nb(self.nb))
+        if layout_stale or self._layout is None:
+            self._refresh_layout()
+        if self._layout is None:
+            self._schedule_retry(0.2)
+            return
+        snapshot = Snapshot(
+            nb=watchers.read_nb(self.nb),
+            sb=watchers.read_sb(self.sb),
+            chassis=self.status.chassis,
+            tables=self._layout,
+        )
+        plan = planner.plan(snapshot, self.plan_config)
+        self.snapshot, self.plan = snapshot, plan
+        self.status.flows_expected = len(plan.flows)
+        self.status.groups_expected = len(plan.groups)
+        try:
+            if full or self._installed is None:
+                self._installed = self.ofctl.read_state(
+                    self.plan_config.cookie_prefix, *self.group_range()
+                )
+                self.status.last_full_sync = time.time()
+            lines = diff.diff_lines(plan, self._installed)
+            if lines:
+                self.ofctl.bundle(lines)
+                self.status.bundles_applied += 1
+                self.status.last_apply = time.time()
+                LOG.info("applied %d OpenFlow changes (%d flows, %d groups expected)",
+                         len(lines), len(plan.flows), len(plan.groups))
+                for line in lines:
+                    LOG.debug("  %s", line)
+            self._installed = diff.state_after(plan)
+            self.status.flows_installed = len(self._installed.flows)
+            self.status.groups_installed = len(self._installed.groups)
+            self.status.last_error = None
+        except OfctlError as exc:
+            # A rolled-back bundle changed nothing: re-read and try again shortly.
+            LOG.warning("OpenFlow update failed, will re-read and retry: %s", exc)
+            self.status.last_error = str(exc)
+            self._installed = None
+            self._schedule_retry(0.2)
+
+    def _refresh_layout(self) -> None:
+        try:
+            sb = tables.SbQuery(self.sb_remote)
+            layout = tables.derive_layout(
+                sb, lambda c: self.ofctl.run("dump-flows", f"cookie={c:#x}/-1", "--no-stats")
+            )
+        except (tables.LayoutError, OfctlError) as exc:
+            LOG.info("OpenFlow table layout not known yet: %s", exc)
+            if self._layout is not None:
+                # Keep serving with the last layout; look again soon.
+                with self._mutex:
+                    self._layout_stale = True
+                self._schedule_retry(1.0)
+            return
+        if layout != self._layout:
+            LOG.info("table layout now %s", layout)
+        self._layout = layout
+        self.status.layout = asdict(layout)
+
+    def group_range(self) -> tuple[int, int]:
+        base = self.plan_config.group_id_base
+        return base, base + 0x0FFFFFFF
+
+
+def _configure_ssl(conf: cfg.ConfigOpts) -> None:
+    """python-ovs keeps one global SSL identity: NB and SB share it when both use SSL."""
+    import ovs.stream
+
+    key = conf.ovn.ovn_sb_private_key or conf.ovn.ovn_nb_private_key
+    cert = conf.ovn.ovn_sb_certificate or conf.ovn.ovn_nb_certificate
+    ca = conf.ovn.ovn_sb_ca_cert or conf.ovn.ovn_nb_ca_cert
+    if key and cert and ca:
+        ovs.stream.Stream.ssl_set_private_key_file(key)
+        ovs.stream.Stream.ssl_set_certificate_file(cert)
+        ovs.stream.Stream.ssl_set_ca_cert_file(ca)
+
+
+def setup_logging(conf: cfg.ConfigOpts) -> None:
+    handler: logging.Handler
+    if conf.log_file:
+        handler = logging.FileHandler(conf.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if conf.debug else logging.INFO)
+    # ovsdbapp and python-ovs are chatty at DEBUG; keep them at INFO unless asked.
+    for noisy in ("ovsdbapp", "ovs"):
+        logging.getLogger(noisy).setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    conf = cfg.ConfigOpts()
+    config.register_opts(conf)
+    conf(argv if argv is not None else sys.argv[1:], project="statelesslb",
+         prog="statelesslb-agent")
+    setup_logging(conf)
+    agent = Agent(conf)
+    import signal
+
+    def _terminate(signum, frame):
+        LOG.info("signal %d: stopping", signum)
+        agent._stop.set()
+        agent._wake.set()
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    try:
+        agent.start()
+        agent.run()
+    finally:
+        agent.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

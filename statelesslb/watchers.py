@@ -1,0 +1,221 @@
+"""ovsdbapp clients for the NB, the SB and the local Open vSwitch database.
+
+Each watcher keeps ovsdbapp's in-memory copy of the tables it needs and, through
+ovsdbapp row events, tells the agent that something changed. The agent then
+recomputes from the whole local copy (as ovs-monitor-ipsec does), so a missed or
+replayed event cannot leave it wrong: after a reconnect the IDL holds the
+server's current rows, deletions made meanwhile included.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import tenacity
+from ovs.db import idl as ovs_idl
+from ovsdbapp.backend.ovs_idl import connection, event, idlutils
+
+from statelesslb import model
+
+LOG = logging.getLogger(__name__)
+
+# on_change(source, reconnected): called from ovsdbapp's threads; must be cheap.
+ChangeCallback = Callable[[str, bool], None]
+
+NB_TABLES = (
+    "Load_Balancer",
+    "Load_Balancer_Group",
+    "Logical_Router",
+    "Logical_Router_Port",
+    "Logical_Switch",
+    "Logical_Switch_Port",
+    "Gateway_Chassis",
+    "HA_Chassis_Group",
+)
+SB_TABLES = ("Chassis", "Datapath_Binding", "Port_Binding")
+OVS_TABLES = ("Open_vSwitch",)
+
+
+class _AnyChange(event.RowEvent):
+    def __init__(self, table: str, source: str, on_change: ChangeCallback):
+        super().__init__((self.ROW_CREATE, self.ROW_UPDATE, self.ROW_DELETE), table, None)
+        self.event_name = f"{source}:{table}"
+        self._source = source
+        self._on_change = on_change
+
+    def run(self, event, row, old):
+        self._on_change(self._source, False)
+
+
+class WatchedIdl(connection.OvsdbIdl):
+    """An IDL that reports row events and reconnects to the agent."""
+
+    def __init__(self, source, remote, helper, tables, on_change, leader_only=True):
+        super().__init__(remote, helper, leader_only=leader_only)
+        self.source = source
+        self._on_change = on_change
+        self._seqno = None
+        self.handler = event.RowEventHandler()
+        self.handler.watch_events([_AnyChange(t, source, on_change) for t in tables])
+
+    def notify(self, event, row, updates=None):
+        self.handler.notify(event, row, updates)
+
+    def run(self):
+        changed = super().run()
+        seqno = self._session.get_seqno()
+        if seqno != self._seqno:
+            # A new session: the server sends its whole content again.
+            self._seqno = seqno
+            LOG.info("%s: (re)connected to %s", self.source, self._session.get_name())
+            self._on_change(self.source, True)
+        return changed
+
+    @property
+    def connected(self) -> bool:
+        return self._session.is_connected()
+
+
+@tenacity.retry(
+    wait=tenacity.wait_exponential(multiplier=0.2, max=10),
+    stop=tenacity.stop_after_delay(300),
+    retry=tenacity.retry_if_exception_type(Exception),
+    before_sleep=lambda rs: LOG.warning(
+        "cannot reach %s yet (%s); retrying", rs.args[1], rs.outcome.exception()
+    ),
+    reraise=True,
+)
+def _schema_helper(schema: str, remote: str) -> ovs_idl.SchemaHelper:
+    return idlutils.get_schema_helper(remote, schema)
+
+
+class Watcher:
+    """One database: its IDL, the ovsdbapp connection thread and a lock on reads."""
+
+    def __init__(
+        self,
+        source: str,
+        schema: str,
+        remote: str,
+        tables: tuple[str, ...],
+        on_change: ChangeCallback,
+        timeout: int = 60,
+        lock_name: str | None = None,
+    ):
+        helper = _schema_helper(schema, remote)
+        for table in tables:
+            helper.register_table(table)
+        self.idl = WatchedIdl(source, remote, helper, tables, on_change)
+        if lock_name:
+            self.idl.set_lock(lock_name)
+        self.connection = connection.Connection(self.idl, timeout)
+        self.source = source
+        self.remote = remote
+
+    def start(self) -> None:
+        self.connection.start()
+
+    def stop(self) -> None:
+        self.connection.stop(timeout=5)
+
+    def rows(self, table: str):
+        return list(self.idl.tables[table].rows.values())
+
+    @property
+    def connected(self) -> bool:
+        return self.idl.connected
+
+    @property
+    def has_lock(self) -> bool:
+        return bool(self.idl.lock_name) and self.idl.has_lock
+
+
+def _opt(value):
+    """Optional OVSDB columns come as 0- or 1-element lists."""
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
+
+
+def read_local_ovs(watcher: Watcher) -> dict[str, str]:
+    with watcher.connection.lock:
+        rows = watcher.rows("Open_vSwitch")
+        return dict(rows[0].external_ids) if rows else {}
+
+
+def read_nb(watcher: Watcher) -> model.NbView:
+    with watcher.connection.lock:
+        lbs = {}
+        for row in watcher.rows("Load_Balancer"):
+            lbs[str(row.uuid)] = model.NbLoadBalancer(
+                uuid=str(row.uuid),
+                name=row.name,
+                protocol=_opt(row.protocol),
+                vips=dict(row.vips),
+                options=dict(row.options),
+                external_ids=dict(row.external_ids),
+                ip_port_mappings=dict(row.ip_port_mappings),
+            )
+        routers = {}
+        for row in watcher.rows("Logical_Router"):
+            lb_ids = [str(lb.uuid) for lb in row.load_balancer]
+            for group in row.load_balancer_group:
+                lb_ids.extend(str(lb.uuid) for lb in group.load_balancer)
+            routers[str(row.uuid)] = model.NbRouter(
+                uuid=str(row.uuid),
+                name=row.name,
+                ports=tuple(p.name for p in row.ports),
+                load_balancers=tuple(dict.fromkeys(lb_ids)),
+            )
+        router_ports = {}
+        for row in watcher.rows("Logical_Router_Port"):
+            router_ports[row.name] = model.NbRouterPort(
+                uuid=str(row.uuid),
+                name=row.name,
+                mac=row.mac,
+                networks=tuple(row.networks),
+                is_gateway=bool(
+                    row.gateway_chassis
+                    or row.ha_chassis_group
+                    or row.options.get("redirect-chassis")
+                ),
+            )
+        switches = {
+            str(row.uuid): model.NbSwitch(
+                uuid=str(row.uuid), name=row.name, ports=tuple(p.name for p in row.ports)
+            )
+            for row in watcher.rows("Logical_Switch")
+        }
+        switch_ports = {
+            row.name: model.NbSwitchPort(
+                uuid=str(row.uuid),
+                name=row.name,
+                type=row.type,
+                addresses=tuple(row.addresses),
+                options=dict(row.options),
+            )
+            for row in watcher.rows("Logical_Switch_Port")
+        }
+    return model.NbView(lbs, routers, router_ports, switches, switch_ports)
+
+
+def read_sb(watcher: Watcher) -> model.SbView:
+    with watcher.connection.lock:
+        datapath_keys = {}
+        for row in watcher.rows("Datapath_Binding"):
+            ext = row.external_ids
+            nb_uuid = ext.get("logical-router") or ext.get("logical-switch")
+            if nb_uuid:
+                datapath_keys[nb_uuid] = row.tunnel_key
+        port_bindings = {}
+        for row in watcher.rows("Port_Binding"):
+            chassis = _opt(row.chassis)
+            datapath = row.datapath
+            port_bindings[row.logical_port] = model.SbPortBinding(
+                logical_port=row.logical_port,
+                tunnel_key=row.tunnel_key,
+                datapath_key=datapath.tunnel_key if datapath is not None else 0,
+                chassis=chassis.name if chassis is not None else None,
+            )
+    return model.SbView(datapath_keys, port_bindings)

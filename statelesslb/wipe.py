@@ -1,0 +1,95 @@
+"""Notice when ovn-controller wipes the bridge.
+
+ovn-controller deletes every flow, group and meter on br-int whenever its
+OpenFlow connection (re)starts: its own restart, or an ovs-vswitchd restart.
+We keep a sentinel flow in a table OVN never uses and watch it with an OpenFlow
+flow monitor: its deletion, or the monitor losing the switch, means "reinstall".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+LOG = logging.getLogger(__name__)
+
+
+class WipeMonitor:
+    def __init__(
+        self,
+        target: str,
+        table: int,
+        on_wipe: Callable[[str], None],
+        binary: str = "ovs-ofctl",
+    ):
+        self.target = target
+        self.table = table
+        self.on_wipe = on_wipe
+        self.binary = binary
+        self._stop = threading.Event()
+        self._proc: subprocess.Popen | None = None
+        self._thread = threading.Thread(target=self._run, name="wipe-monitor", daemon=True)
+        self._ctl_dir = tempfile.mkdtemp(prefix="slb-mon-")
+        self.restarts = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        proc = self._proc
+        if proc and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self._thread.join(5)
+        try:
+            os.rmdir(self._ctl_dir)
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self._watch_once()
+            if self._stop.is_set():
+                return
+            # The monitor lost the switch: whatever we installed may be gone.
+            self.restarts += 1
+            self.on_wipe("flow monitor lost the bridge")
+            backoff = 0.1 if time.monotonic() - started > 5 else min(backoff * 2, 2.0)
+            self._stop.wait(backoff)
+
+    def _watch_once(self) -> None:
+        argv = [
+            self.binary,
+            "monitor",
+            self.target,
+            f"watch:!initial,!add,!modify,table={self.table}",
+            f"--unixctl={self._ctl_dir}/monitor.ctl",
+        ]
+        try:
+            self._proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1
+            )
+        except OSError as exc:
+            LOG.error("cannot start the flow monitor: %s", exc)
+            return
+        registered = False
+        for line in self._proc.stdout:
+            if not registered and "NXST_FLOW_MONITOR reply" in line:
+                # The monitor is armed: anything installed from now on is watched.
+                registered = True
+                self.on_wipe("flow monitor (re)connected")
+            elif "event=DELETED" in line:
+                LOG.warning("sentinel flow deleted (ovn-controller wiped the bridge?)")
+                self.on_wipe("sentinel flow deleted")
+        self._proc.wait()
