@@ -1,0 +1,276 @@
+"""Stable bucket and VIP ids, persisted in NB Load_Balancer external_ids.
+
+OVS hashes `selection_method=hash` groups by bucket id, so a backend must keep
+its bucket id for as long as it exists, and every gateway must read the same
+ids: they live in the NB, written by one NB writer using `reconcile_nb`.
+
+Id spaces:
+- bucket ids: one space per LB, keyed by backend "IP:port" (a backend shared
+  by two VIPs of one LB has one id, so it wins the same hashes in both groups);
+- VIP ids: one space across all marked LBs; group id = base + VIP id.
+
+Everything here is pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass
+
+from statelesslb.model import (
+    EXT_BUCKETS,
+    EXT_DRAIN,
+    EXT_STATUS,
+    EXT_VIP_IDS,
+    NbLoadBalancer,
+    NbView,
+)
+from statelesslb.ofstrings import is_plain_int
+from statelesslb.validate import (
+    LbError,
+    TopologyIndex,
+    canonical_endpoint_key,
+    index_topology,
+    is_marked,
+    show,
+    validate_lb,
+)
+
+MAX_BUCKET_ID = 0xFFFFFF00   # OFPG15_BUCKET_MAX
+MAX_VIP_ID = 0x0FFFFFFF      # keeps group_id_base + id below OFPG_MAX
+# external_ids keys the NB writer owns; statelesslb:drain is the operator's.
+WRITER_KEYS = (EXT_BUCKETS, EXT_VIP_IDS, EXT_STATUS)
+STATUS_OK = "ok"
+ERROR_PREFIX = "error: "
+_MAX_STATUS_LEN = 1000
+
+
+class IdSpaceExhausted(ValueError):
+    """No free id is left under the maximum (needs ~4 billion keys)."""
+
+
+def allocate_ids(
+    existing: Mapping[str, int],
+    keys: Iterable[str],
+    *,
+    reserved: Set[int] = frozenset(),
+    max_id: int = MAX_BUCKET_ID,
+) -> dict[str, int]:
+    """Ids for `keys`: surviving keys keep theirs, new keys get the smallest free id.
+
+    Ids of keys no longer present are freed. New keys are numbered in sorted
+    order (deterministic) from 1, skipping ids in use and `reserved` (ids that
+    must not be handed out right now, e.g. another LB's). An existing id that
+    is out of range or duplicated is treated as missing (the first key in
+    sorted order keeps a duplicated id).
+    """
+    wanted = sorted(set(keys))
+    result: dict[str, int] = {}
+    taken: set[int] = set()
+    for key in wanted:
+        old = existing.get(key)
+        if is_plain_int(old) and 1 <= old <= max_id and old not in taken:
+            result[key] = old
+            taken.add(old)
+    candidate = 1
+    for key in wanted:
+        if key in result:
+            continue
+        while candidate in taken or candidate in reserved:
+            candidate += 1
+        if candidate > max_id:
+            raise IdSpaceExhausted(f"no free id left in 1..{max_id}")
+        result[key] = candidate
+        taken.add(candidate)
+    return dict(sorted(result.items()))
+
+
+def parse_id_map(text: str | None) -> dict[str, int] | None:
+    """Parse a persisted id map. Absent (None) -> {}; malformed -> None."""
+    if text is None:
+        return {}
+    if not isinstance(text, str):
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if not all(isinstance(k, str) and is_plain_int(v) and v >= 1 for k, v in data.items()):
+        return None
+    return data
+
+
+def dump_id_map(ids: Mapping[str, int]) -> str:
+    """Deterministic compact JSON: same map, same bytes (no spurious NB writes)."""
+    return json.dumps(dict(ids), sort_keys=True, separators=(",", ":"))
+
+
+def parse_drain_checked(text: str | None) -> tuple[frozenset[str], bool]:
+    """(canonical drained backend keys, True if the text was partly or wholly malformed).
+
+    Wholly malformed text (not a JSON list) drains nothing; entries that are
+    not IP:port strings are dropped.
+    """
+    if text is None:
+        return frozenset(), False
+    try:
+        data = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, list):
+        return frozenset(), True
+    keys = {canonical_endpoint_key(entry) for entry in data}
+    malformed = None in keys
+    keys.discard(None)
+    return frozenset(keys), malformed
+
+
+def parse_drain(text: str | None) -> frozenset[str]:
+    return parse_drain_checked(text)[0]
+
+
+def dump_drain(keys: Iterable[str]) -> str:
+    return json.dumps(sorted(set(keys)), separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------
+# The NB writer's logic
+
+
+@dataclass(frozen=True)
+class _ClaimedVipIds:
+    """Persisted VIP ids after resolving clashes between LBs."""
+
+    kept: dict[str, dict[str, int]]        # LB uuid -> VIP key -> id it keeps
+    notes: dict[str, list[str]]            # LB uuid -> why some ids were dropped
+    in_use: set[int]                       # every persisted id: not reusable this pass
+
+
+def _external_ids(lb: NbLoadBalancer) -> Mapping[str, str]:
+    ext = getattr(lb, "external_ids", None)
+    return ext if isinstance(ext, Mapping) else {}
+
+
+def _lb_order(lb: NbLoadBalancer) -> tuple[str, str]:
+    name, uuid = getattr(lb, "name", ""), getattr(lb, "uuid", "")
+    return (name if isinstance(name, str) else "", uuid if isinstance(uuid, str) else "")
+
+
+def _claim_vip_ids(lbs: list[NbLoadBalancer]) -> _ClaimedVipIds:
+    """Walk LBs in (name, uuid) order; an id already claimed is dropped from later LBs."""
+    owner: dict[int, NbLoadBalancer] = {}
+    kept: dict[str, dict[str, int]] = {}
+    notes: dict[str, list[str]] = {}
+    in_use: set[int] = set()
+    for lb in sorted(lbs, key=_lb_order):
+        stored = parse_id_map(_external_ids(lb).get(EXT_VIP_IDS)) or {}
+        valid_ids = {k: v for k, v in stored.items() if v <= MAX_VIP_ID}
+        # Ids an unmarked LB is about to release stay blocked for this pass
+        # too, so a gateway never sees one group id change VIPs in one step.
+        in_use.update(valid_ids.values())
+        if not is_marked(lb):
+            continue
+        mine: dict[str, int] = {}
+        for key in sorted(valid_ids):
+            vip_id = valid_ids[key]
+            holder = owner.get(vip_id)
+            if holder is None:
+                owner[vip_id] = lb
+                mine[key] = vip_id
+            else:
+                where = "this load balancer" if holder is lb else (
+                    f"load balancer {show(holder.name)}")
+                notes.setdefault(lb.uuid, []).append(
+                    f"VIP id {vip_id} of {key} re-allocated: also used by {where}")
+        kept[lb.uuid] = mine
+    return _ClaimedVipIds(kept, notes, in_use)
+
+
+def _format_status(notes: list[str]) -> str:
+    status = STATUS_OK + (f" ({'; '.join(notes)})" if notes else "")
+    return status if len(status) <= _MAX_STATUS_LEN else status[:_MAX_STATUS_LEN - 3] + "..."
+
+
+def _error_status(message: str) -> str:
+    status = ERROR_PREFIX + message
+    return status if len(status) <= _MAX_STATUS_LEN else status[:_MAX_STATUS_LEN - 3] + "..."
+
+
+def reconcile_nb(
+    lbs: Iterable[NbLoadBalancer], nb: NbView
+) -> dict[str, dict[str, str | None]]:
+    """external_ids changes the NB writer must make: {LB uuid: {key: value}}.
+
+    A value of None means "remove this key" (an LB that is no longer marked
+    loses the keys the writer owns; the operator's statelesslb:drain stays).
+    Only LBs and keys whose value changes are returned, so applying the
+    result and calling again returns {}.
+
+    `lbs` are the LBs to update (usually all of `nb.load_balancers`); VIP ids
+    held by every LB in `nb` are respected.
+
+    Valid LBs get their ids completed and freed; an invalid LB keeps its stored
+    maps untouched (a typo must not cost backends their bucket ids) and only its
+    status changes to "error: ...".
+    """
+    to_update = {lb.uuid: lb for lb in lbs}
+    everyone = dict(nb.load_balancers) | to_update
+    claims = _claim_vip_ids(list(everyone.values()))
+    blocked_vip_ids = set(claims.in_use)
+    index = index_topology(nb)
+
+    changes: dict[str, dict[str, str | None]] = {}
+    for lb in sorted(to_update.values(), key=_lb_order):
+        ext = _external_ids(lb)
+        if is_marked(lb):
+            desired = _desired_ids(lb, nb, index, claims, blocked_vip_ids)
+        else:
+            desired = {key: None for key in WRITER_KEYS if key in ext}
+        delta = {k: v for k, v in desired.items() if ext.get(k) != v}
+        if delta:
+            changes[lb.uuid] = delta
+    return changes
+
+
+def _desired_ids(
+    lb: NbLoadBalancer,
+    nb: NbView,
+    index: TopologyIndex,
+    claims: _ClaimedVipIds,
+    blocked_vip_ids: set[int],
+) -> dict[str, str | None]:
+    ext = _external_ids(lb)
+    valid = validate_lb(lb, nb, index)
+    if isinstance(valid, LbError):
+        return {EXT_STATUS: _error_status(valid.message)}
+
+    notes = list(claims.notes.get(lb.uuid, []))
+    stored_buckets = parse_id_map(ext.get(EXT_BUCKETS))
+    if stored_buckets is None:
+        notes.append("bucket ids re-allocated: stored map was malformed")
+    if parse_id_map(ext.get(EXT_VIP_IDS)) is None:
+        notes.append("VIP ids re-allocated: stored map was malformed")
+    try:
+        vip_ids = allocate_ids(
+            claims.kept.get(lb.uuid, {}), valid.vip_keys,
+            reserved=blocked_vip_ids, max_id=MAX_VIP_ID,
+        )
+        bucket_ids = allocate_ids(stored_buckets or {}, valid.backend_keys)
+    except IdSpaceExhausted as exhausted:
+        return {EXT_STATUS: _error_status(str(exhausted))}
+    blocked_vip_ids.update(vip_ids.values())
+
+    drained, drain_malformed = parse_drain_checked(ext.get(EXT_DRAIN))
+    if drain_malformed:
+        notes.append(f"{EXT_DRAIN} is not a JSON list of IP:port strings; bad entries ignored")
+    unknown = sorted(drained - set(valid.backend_keys))
+    if unknown:
+        notes.append(f"{EXT_DRAIN} names {', '.join(unknown[:5])}: not a backend")
+    return {
+        EXT_VIP_IDS: dump_id_map(vip_ids),
+        EXT_BUCKETS: dump_id_map(bucket_ids),
+        EXT_STATUS: _format_status(notes),
+    }
