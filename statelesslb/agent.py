@@ -208,6 +208,7 @@ class Agent:
             tables=self._layout,
         )
         plan = planner.plan(snapshot, self.plan_config)
+        self._log_status_changes(self.plan, plan)
         self.snapshot, self.plan = snapshot, plan
         self.status.flows_expected = len(plan.flows)
         self.status.groups_expected = len(plan.groups)
@@ -236,6 +237,21 @@ class Agent:
             self.status.last_error = str(exc)
             self._installed = None
             self._schedule_retry(0.2)
+
+    @staticmethod
+    def _log_status_changes(old: planner.Plan | None, new: planner.Plan) -> None:
+        before = old.lb_status if old is not None else {}
+        for uuid, status in sorted(new.lb_status.items(), key=lambda kv: kv[1].name):
+            prev = before.get(uuid)
+            if prev is not None and (prev.state, prev.message, prev.roles) == (
+                    status.state, status.message, status.roles):
+                continue
+            level = logging.WARNING if status.state == planner.STATE_ERROR else logging.INFO
+            LOG.log(level, "LB %s: %s%s (here: %s)", status.name, status.state,
+                    f": {status.message}" if status.message else "",
+                    ", ".join(status.roles) or "nothing")
+        for uuid in before.keys() - new.lb_status.keys():
+            LOG.info("LB %s: no longer stateless", before[uuid].name)
 
     def _refresh_layout(self) -> None:
         try:

@@ -1,0 +1,159 @@
+"""Stateless-LB helpers on top of the sandbox: create LBs, send flows, see where they went.
+
+Shared by the tests, the demo and the benchmarks, so they all measure the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+
+from statelesslb.model import EXT_BUCKETS, EXT_STATUS, EXT_VIP_IDS
+from statelesslb.openflow import COOKIE_MASK, InstalledGroup, parse_groups
+from statelesslb.sandbox import packets as P
+from statelesslb.sandbox.core import Chassis, Sandbox, wait_until
+from statelesslb.sandbox.topology import Topology, Vm
+
+COOKIE_PREFIX = 0x51B0
+GROUP_BASE = 0x70000000
+OUR_COOKIES = f"cookie={COOKIE_PREFIX << 48:#x}/{COOKIE_MASK:#x}"
+_STATS_RE = re.compile(r"(duration|n_packets|n_bytes|idle_age|hard_age)=[^,\s]*,?\s*")
+_GROUP_STATS_RE = re.compile(r"^ *group_id=")
+
+
+def create_lb(sb: Sandbox, name: str, vip: str, backends: list[str], proto: str = "tcp",
+              router: str = "lr0", stateless: bool = True) -> None:
+    sb.nbctl("lb-add", name, vip, ",".join(backends), proto)
+    sb.nbctl("lr-lb-add", router, name)
+    if stateless:
+        sb.nbctl("set", "load_balancer", name, "options:stateless_mode=mac")
+
+
+def lb_external_ids(sb: Sandbox, name: str) -> dict[str, str]:
+    out = sb.nbctl("--format=json", "--columns=external_ids", "find", "load_balancer",
+                   f"name={name}")
+    data = json.loads(out)["data"]
+    if not data:
+        return {}
+    return dict(data[0][0][1])
+
+
+def lb_status(sb: Sandbox, name: str) -> str | None:
+    return lb_external_ids(sb, name).get(EXT_STATUS)
+
+
+def lb_ids(sb: Sandbox, name: str) -> tuple[dict[str, int], dict[str, int]]:
+    ext = lb_external_ids(sb, name)
+    return json.loads(ext.get(EXT_VIP_IDS, "{}")), json.loads(ext.get(EXT_BUCKETS, "{}"))
+
+
+def our_flows(chassis: Chassis) -> list[str]:
+    out = chassis.ofctl("dump-flows", OUR_COOKIES, "--no-stats")
+    return [line.strip() for line in out.splitlines() if "cookie=" in line]
+
+
+def our_groups(chassis: Chassis) -> dict[int, InstalledGroup]:
+    return parse_groups(chassis.dump_groups(), GROUP_BASE, GROUP_BASE + 0x0FFFFFFF)
+
+
+def ovn_state(chassis: Chassis) -> tuple[frozenset[str], frozenset[str]]:
+    """ovn-controller's flows (without counters) and groups: everything that is not ours."""
+    flows = set()
+    for line in chassis.ofctl("dump-flows", "--no-stats").splitlines():
+        m = re.search(r"cookie=(0x[0-9a-f]+)", line)
+        if m and int(m.group(1), 16) >> 48 == COOKIE_PREFIX:
+            continue
+        if "actions=" in line:
+            flows.add(_STATS_RE.sub("", line.strip()))
+    groups = set()
+    for gid, text in _group_lines(chassis.dump_groups()):
+        if not GROUP_BASE <= gid <= GROUP_BASE + 0x0FFFFFFF:
+            groups.add(text)
+    return frozenset(flows), frozenset(groups)
+
+
+def _group_lines(dump: str):
+    for line in dump.splitlines():
+        m = re.match(r"\s*group_id=(\d+),", line)
+        if m:
+            yield int(m.group(1)), line.strip()
+
+
+def wait_group(chassis: Chassis, group_id: int, bucket_ids: set[int],
+               timeout: float = 10.0) -> InstalledGroup:
+    def ready():
+        group = our_groups(chassis).get(group_id)
+        return group if group is not None and set(group.buckets) == bucket_ids else None
+    return wait_until(ready, timeout, 0.02, f"group {group_id:#x} with buckets {bucket_ids} "
+                      f"on {chassis.name}")
+
+
+def wait_lb_ready(sb: Sandbox, name: str, vip: str, n_backends: int,
+                  gateway: str = "gw1", timeout: float = 20.0,
+                  topo: Topology | None = None) -> int:
+    """Wait for the NB ids, the gateway group and (with topo) every backend's DNAT flow.
+
+    Returns the group id. Agents work independently: the gateway may steer to a
+    new backend a few milliseconds before that backend's chassis DNATs for it.
+    """
+    def ids_ready():
+        vip_ids, buckets = lb_ids(sb, name)
+        return vip_ids.get(vip) and len(buckets) >= n_backends and (vip_ids, buckets)
+    vip_ids, buckets = wait_until(ids_ready, timeout, 0.05, f"bucket ids for {name}")
+    gid = GROUP_BASE + vip_ids[vip]
+    def group_ready():
+        group = our_groups(sb.chassis[gateway]).get(gid)
+        return group is not None and len(group.buckets) == n_backends
+    wait_until(group_ready, timeout, 0.02, f"group of {name} on {gateway}")
+    if topo is not None:
+        vip_ip, vip_port = vip.rsplit(":", 1)
+        for backend in buckets:
+            vm = topo.vm_by_ip(backend.rsplit(":", 1)[0])
+            chassis = sb.chassis[vm.chassis]
+            wanted = f"nw_dst={vip_ip},tp_dst={vip_port} actions=ct(commit"
+            wait_until(lambda c=chassis, w=wanted, b=backend: any(
+                w in f and f"nat(dst={b})" in f for f in our_flows(c)),
+                timeout, 0.02, f"DNAT flow for {backend} on {chassis.name}")
+    return gid
+
+
+@dataclass
+class Arrival:
+    vm: Vm
+    packet: object
+
+
+def find_arrival(sb: Sandbox, topo: Topology, src_ip: str, sport: int,
+                 proto: str = "tcp", timeout: float = 3.0) -> Arrival | None:
+    """Poll every VM port's capture for the packet of this client flow."""
+    def look():
+        for vm in topo.vms:
+            for pkt in sb.chassis[vm.chassis].sent(vm.name):
+                ip, l4 = P.ip(pkt), P.l4(pkt)
+                if ip is None or l4 is None or ip.src != src_ip:
+                    continue
+                if l4.sport == sport and l4.name.lower() == proto:
+                    return Arrival(vm, pkt)
+        return None
+    try:
+        return wait_until(look, timeout, 0.02, f"{proto} from {src_ip}:{sport} at a VM")
+    except TimeoutError:
+        return None
+
+
+def send_syn(sb: Sandbox, topo: Topology, vip: str, sport: int, dport: int = 80,
+             src_ip: str | None = None) -> None:
+    sb.client_inject(P.tcp_syn(topo.client_mac, topo.dgp_mac, src_ip or topo.client_ip,
+                               vip, sport, dport))
+
+
+def conntrack_lines(chassis: Chassis, needle: str) -> list[str]:
+    return [line for line in chassis.conntrack().splitlines() if needle in line]
+
+
+def elapsed_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> float:
+    start = time.monotonic()
+    wait_until(predicate, timeout, interval, "condition")
+    return time.monotonic() - start
