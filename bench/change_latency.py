@@ -1,0 +1,106 @@
+"""Issue 3 figures: NB backend change -> bucket installed on the gateway, and agent memory.
+
+Runs a real sandbox (2 gateways, 2 hypervisors, 8 VMs) with agents, then
+1. makes N backend changes (remove / re-add one backend of a 3-backend LB) and
+   times each from the NB commit returning to the gateway group showing it
+   (polled with ovs-ofctl every few ms: figures include that polling);
+2. creates 100 stateless LBs of 8 backends and prints the agents' resident
+   memory (VmRSS) before and after, and how long the install took.
+
+    .venv/bin/python bench/change_latency.py [--changes 50] [--lbs 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from statelesslb.sandbox import Sandbox, build_lb_topology
+from statelesslb.sandbox import agents as sandbox_agents
+from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.traffic import create_lb, lb_ids, our_groups, wait_lb_ready
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    import os
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--changes", type=int, default=50)
+    ap.add_argument("--lbs", type=int, default=100)
+    args = ap.parse_args()
+    run_dir = Path(tempfile.mkdtemp(prefix="slb-bench-", dir="/tmp"))
+    sb = Sandbox(run_dir, gateways=2, hypervisors=2)
+    try:
+        sb.up()
+        topo = build_lb_topology(sb, vms=8)
+        sandbox_agents.start_agents(sb, debug=False)
+        sandbox_agents.wait_agents_ready(sb)
+        gw = sb.chassis["gw1"]
+        backends = [f"{vm.ip}:8080" for vm in topo.vms]
+
+        create_lb(sb, "lb0", "172.16.0.100:80", backends[:3])
+        gid = wait_lb_ready(sb, "lb0", "172.16.0.100:80", 3, topo=topo)
+        latencies = []
+        for i in range(args.changes):
+            members = backends[:3] if i % 2 else [backends[0], backends[2]]
+            want = len(members)
+            start = time.monotonic()
+            sb.nbctl("set", "load_balancer", "lb0",
+                     f'vips:"172.16.0.100:80"="{",".join(members)}"')
+            wait_until(lambda w=want: len(our_groups(gw)[gid].buckets) == w, 10, 0.002,
+                       "the change on gw1")
+            latencies.append(time.monotonic() - start)
+        ms = [v * 1000 for v in latencies]
+        print(f"backend change -> bucket installed on gw1 (the resident gateway), "
+              f"{len(ms)} changes:")
+        print(f"  p50 {statistics.median(ms):.1f} ms   p90 {pct(ms, 0.9):.1f} ms   "
+              f"max {max(ms):.1f} ms   (includes ovn-nbctl's own commit and ~2 ms polling)")
+        _, buckets = lb_ids(sb, "lb0")
+        print(f"  bucket ids after all changes: {buckets}")
+
+        pids = {name: info["pid"] for name, info in sb.agents.items()}
+        before = {name: rss_kib(pid) for name, pid in pids.items()}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        start = time.monotonic()
+        for n in range(args.lbs):
+            vip = f"172.16.{1 + n // 250}.{1 + n % 250}:80"
+            sb.nbctl("lb-add", f"m{n}", vip, ",".join(backends), "tcp",
+                     "--", "lr-lb-add", "lr0", f"m{n}",
+                     "--", "set", "load_balancer", f"m{n}", "options:stateless_mode=mac")
+        wait_until(lambda: len(our_groups(gw)) == args.lbs + 1, 120, 0.05,
+                   f"{args.lbs} more groups on gw1")
+        install = time.monotonic() - start
+        time.sleep(1)
+        print(f"\n{args.lbs} stateless LBs x {len(backends)} backends created one by one "
+              f"with ovn-nbctl and installed on gw1 in {install:.1f} s")
+        print("agent resident memory (VmRSS) and CPU used during that install:")
+        for name, pid in pids.items():
+            print(f"  {name}: {before[name] / 1024:.1f} MiB -> {rss_kib(pid) / 1024:.1f} MiB, "
+                  f"CPU {cpu_seconds(pid) - cpu_before[name]:.2f} s")
+    finally:
+        sb.down()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
