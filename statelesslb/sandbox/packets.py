@@ -1,0 +1,139 @@
+"""Packet builders (scapy) and pcap reading for the sandbox's dummy ports.
+
+Addresses decide the IP version: an address with ':' builds IPv6, so every builder has
+its IPv6 variant for free.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Ether
+from scapy.packet import Packet, Raw
+
+DEFAULT_TTL = 64
+_PCAP_MAGIC = {
+    b"\xd4\xc3\xb2\xa1": "<",  # microseconds, little endian
+    b"\xa1\xb2\xc3\xd4": ">",
+    b"\x4d\x3c\xb2\xa1": "<",  # nanoseconds
+    b"\xa1\xb2\x3c\x4d": ">",
+}
+
+
+def ip_layer(src_ip: str, dst_ip: str, ttl: int = DEFAULT_TTL) -> Packet:
+    if ":" in src_ip:
+        return IPv6(src=src_ip, dst=dst_ip, hlim=ttl)
+    return IP(src=src_ip, dst=dst_ip, ttl=ttl)
+
+
+def tcp(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, sport: int, dport: int,
+        flags: str = "S", seq: int = 1000, ack: int = 0, ttl: int = DEFAULT_TTL,
+        payload: bytes = b"") -> Packet:
+    pkt = (Ether(src=src_mac, dst=dst_mac) / ip_layer(src_ip, dst_ip, ttl)
+           / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, window=8192))
+    return pkt / Raw(payload) if payload else pkt
+
+
+def tcp_syn(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, sport: int, dport: int,
+            seq: int = 1000, ttl: int = DEFAULT_TTL) -> Packet:
+    return tcp(src_mac, dst_mac, src_ip, dst_ip, sport, dport, "S", seq, 0, ttl)
+
+
+def tcp_synack(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, sport: int,
+               dport: int, seq: int = 5000, ack: int = 1001,
+               ttl: int = DEFAULT_TTL) -> Packet:
+    """The answer to tcp_syn(...) with its defaults: ack = 1000 + 1."""
+    return tcp(src_mac, dst_mac, src_ip, dst_ip, sport, dport, "SA", seq, ack, ttl)
+
+
+def tcp_ack(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, sport: int, dport: int,
+            seq: int = 1001, ack: int = 5001, ttl: int = DEFAULT_TTL,
+            payload: bytes = b"") -> Packet:
+    flags = "PA" if payload else "A"
+    return tcp(src_mac, dst_mac, src_ip, dst_ip, sport, dport, flags, seq, ack, ttl, payload)
+
+
+def udp(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, sport: int, dport: int,
+        payload: bytes = b"x", ttl: int = DEFAULT_TTL) -> Packet:
+    return (Ether(src=src_mac, dst=dst_mac) / ip_layer(src_ip, dst_ip, ttl)
+            / UDP(sport=sport, dport=dport) / Raw(payload))
+
+
+def arp_request(src_mac: str, src_ip: str, target_ip: str) -> Packet:
+    return (Ether(src=src_mac, dst="ff:ff:ff:ff:ff:ff")
+            / ARP(op=1, hwsrc=src_mac, psrc=src_ip, pdst=target_ip))
+
+
+def arp_reply(src_mac: str, src_ip: str, dst_mac: str, dst_ip: str) -> Packet:
+    return (Ether(src=src_mac, dst=dst_mac)
+            / ARP(op=2, hwsrc=src_mac, psrc=src_ip, hwdst=dst_mac, pdst=dst_ip))
+
+
+def to_hex(packet: Any) -> str:
+    """Hex string for `netdev-dummy/receive` from a scapy packet, bytes or hex string."""
+    if isinstance(packet, str):
+        return packet
+    return bytes(packet).hex()
+
+
+def read_pcap(path: str | Path) -> list[Packet]:
+    """Ethernet packets of a pcap file; [] if it does not exist yet.
+
+    ovs-vswitchd appends to the file while we read: a partial trailing record is
+    ignored instead of failing, the next read sees it whole.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    if len(data) < 24:
+        return []
+    endian = _PCAP_MAGIC.get(data[:4])
+    if endian is None:
+        raise ValueError(f"{path}: not a pcap file")
+    out: list[Packet] = []
+    off = 24
+    rec = struct.Struct(f"{endian}IIII")
+    while off + rec.size <= len(data):
+        _sec, _frac, incl_len, _orig = rec.unpack_from(data, off)
+        start = off + rec.size
+        if start + incl_len > len(data):
+            break
+        out.append(Ether(data[start:start + incl_len]))
+        off = start + incl_len
+    return out
+
+
+def l4(packet: Packet) -> Packet | None:
+    """The TCP or UDP layer of a packet, if any."""
+    for layer in (TCP, UDP):
+        if layer in packet:
+            return packet[layer]
+    return None
+
+
+def ip(packet: Packet) -> Packet | None:
+    """The IPv4 or IPv6 layer of a packet, if any."""
+    for layer in (IP, IPv6):
+        if layer in packet:
+            return packet[layer]
+    return None
+
+
+def is_tcp(packet: Packet, flags: str | None = None, dport: int | None = None,
+           sport: int | None = None) -> bool:
+    """True for a TCP packet with exactly `flags` (e.g. "S", "SA") and the given ports."""
+    if TCP not in packet:
+        return False
+    t = packet[TCP]
+    return ((flags is None or str(t.flags) == flags)
+            and (dport is None or t.dport == dport)
+            and (sport is None or t.sport == sport))
+
+
+def summary(pkts: list[Packet]) -> str:
+    return "\n".join(p.summary() for p in pkts) or "(no packets)"
