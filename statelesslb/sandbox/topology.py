@@ -179,3 +179,52 @@ def _fill_keys(sb: Sandbox, topo: Topology) -> None:
 def wait_flows_installed(sb: Sandbox, timeout: float = 60.0) -> float:
     """`ovn-nbctl --wait=hv sync`: every connected ovn-controller caught up."""
     return sb.wait_flows_installed(timeout)
+
+
+@dataclass(frozen=True)
+class SecondDgp:
+    name: str = "lr0-public2"
+    mac: str = "00:00:00:00:ff:03"
+    ip: str = "172.16.1.1"
+    switch: str = "public2"
+    localnet: str = "ln-public2"
+
+    @property
+    def cr_port(self) -> str:
+        return f"cr-{self.name}"
+
+
+def add_second_dgp(sb: Sandbox, topo: Topology, gateway: str | None = None,
+                   timeout: float = 60.0) -> SecondDgp:
+    """A second distributed gateway port on lr0, resident on another gateway.
+
+    Its switch `public2` reaches the same physnet, so the external client can
+    send to either DGP's MAC: two gateways serve the same VIP at once (OVN 23.03's
+    northd itself builds LB flows for the first DGP only). Replies to the client
+    still route out of lr0-public, the client's subnet: the asymmetric case.
+    """
+    if len(topo.gateways) < 2:
+        raise SandboxError("a second DGP needs a second gateway chassis")
+    gw = gateway or topo.gateways[1]
+    d = SecondDgp()
+    sb.nbctl("lrp-add", topo.router, d.name, d.mac, f"{d.ip}/24",
+             "--", "ls-add", d.switch)
+    others = [g for g in topo.gateways if g != gw]
+    sb.nbctl("lrp-set-gateway-chassis", d.name, gw, "30")
+    for i, other in enumerate(others):
+        sb.nbctl("lrp-set-gateway-chassis", d.name, other, str(10 - i))
+    _router_port(sb, d.switch, f"{d.switch}-{topo.router}", d.name)
+    sb.nbctl("lsp-add", d.switch, d.localnet,
+             "--", "lsp-set-type", d.localnet, "localnet",
+             "--", "lsp-set-addresses", d.localnet, "unknown",
+             "--", "lsp-set-options", d.localnet, f"network_name={topo.physnet}")
+
+    def bound() -> bool:
+        ch = sb.sb_rows("Chassis", f"name={gw}", columns=["_uuid"])
+        pb = sb.sb_rows("Port_Binding", f"logical_port={d.cr_port}", columns=["chassis"])
+        return bool(ch and pb and pb[0]["chassis"] == ch[0]["_uuid"])
+
+    wait_until(bound, timeout, 0.05, f"{d.cr_port} bound to {gw}", ignore=(CommandError,))
+    sb.wait_settled(timeout)
+    _fill_keys(sb, topo)
+    return d
