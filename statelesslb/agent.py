@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from oslo_config import cfg
 
-from statelesslb import config, diff, nbwriter, planner, tables, watchers
+from statelesslb import buckets, config, diff, nbwriter, planner, tables, watchers
 from statelesslb.ctlserver import CtlServer
 from statelesslb.model import Snapshot, TableLayout
 from statelesslb.openflow import InstalledState, Ofctl, OfctlError
@@ -68,6 +68,8 @@ class Agent:
             gateway_priority=slb.gateway_priority,
             backend_priority=slb.backend_priority,
             sentinel_table=slb.sentinel_table,
+            private_table_base=slb.private_table_base,
+            gateway_zone=slb.gateway_zone,
         )
         self.ovs = self.nb = self.sb = None
         self.ofctl: Ofctl | None = None
@@ -173,7 +175,8 @@ class Agent:
                 with self._mutex:
                     self._full_resync = True
                 self._next_periodic = now + self.conf.statelesslb.resync_interval
-            self._retry_at = None
+            if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                self._retry_at = None
             try:
                 self.iterate()
             except Exception as exc:  # keep serving; the next iteration retries
@@ -182,7 +185,12 @@ class Agent:
                 self._schedule_retry(1.0)
 
     def _schedule_retry(self, delay: float) -> None:
-        self._retry_at = time.monotonic() + delay
+        self._schedule_at(delay)
+
+    def _schedule_at(self, delay: float) -> None:
+        at = time.monotonic() + max(0.0, delay)
+        if self._retry_at is None or at < self._retry_at:
+            self._retry_at = at
 
     # -- one recompute ------------------------------------------------------------
     def iterate(self) -> None:
@@ -207,7 +215,10 @@ class Agent:
             chassis=self.status.chassis,
             tables=self._layout,
         )
-        plan = planner.plan(snapshot, self.plan_config)
+        plan = planner.plan(snapshot, self.plan_config, now=time.time())
+        if plan.expires_at is not None:
+            # A second-chance window closes then: plan again to drop its flows.
+            self._schedule_at(plan.expires_at - time.time() + 0.05)
         self._log_status_changes(self.plan, plan)
         self.snapshot, self.plan = snapshot, plan
         self.status.flows_expected = len(plan.flows)
@@ -273,8 +284,9 @@ class Agent:
         self.status.layout = asdict(layout)
 
     def group_range(self) -> tuple[int, int]:
+        """Our group ids: the gateway groups, then the previous-set groups."""
         base = self.plan_config.group_id_base
-        return base, base + 0x0FFFFFFF
+        return base, self.plan_config.previous_group_base + buckets.MAX_VIP_ID
 
 
 def _configure_ssl(conf: cfg.ConfigOpts) -> None:

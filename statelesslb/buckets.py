@@ -19,8 +19,10 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 
 from statelesslb.model import (
+    EXT_ACTIVE,
     EXT_BUCKETS,
     EXT_DRAIN,
+    EXT_PREVIOUS,
     EXT_STATUS,
     EXT_VIP_IDS,
     NbLoadBalancer,
@@ -40,7 +42,7 @@ from statelesslb.validate import (
 MAX_BUCKET_ID = 0xFFFFFF00   # OFPG15_BUCKET_MAX
 MAX_VIP_ID = 0x0FFFFFFF      # keeps group_id_base + id below OFPG_MAX
 # external_ids keys the NB writer owns; statelesslb:drain is the operator's.
-WRITER_KEYS = (EXT_BUCKETS, EXT_VIP_IDS, EXT_STATUS)
+WRITER_KEYS = (EXT_BUCKETS, EXT_VIP_IDS, EXT_STATUS, EXT_ACTIVE, EXT_PREVIOUS)
 STATUS_OK = "ok"
 ERROR_PREFIX = "error: "
 _MAX_STATUS_LEN = 1000
@@ -200,7 +202,7 @@ def _error_status(message: str) -> str:
 
 
 def reconcile_nb(
-    lbs: Iterable[NbLoadBalancer], nb: NbView
+    lbs: Iterable[NbLoadBalancer], nb: NbView, now: float = 0.0
 ) -> dict[str, dict[str, str | None]]:
     """external_ids changes the NB writer must make: {LB uuid: {key: value}}.
 
@@ -215,6 +217,10 @@ def reconcile_nb(
     Valid LBs get their ids completed and freed; an invalid LB keeps its stored
     maps untouched (a typo must not cost backends their bucket ids) and only its
     status changes to "error: ...".
+
+    `statelesslb:active` records, per VIP, the buckets the gateways use (drained
+    backends left out); when it changes, the old value moves to
+    `statelesslb:previous` stamped with `now`, for the second-chance layer.
     """
     to_update = {lb.uuid: lb for lb in lbs}
     everyone = dict(nb.load_balancers) | to_update
@@ -226,7 +232,7 @@ def reconcile_nb(
     for lb in sorted(to_update.values(), key=_lb_order):
         ext = _external_ids(lb)
         if is_marked(lb):
-            desired = _desired_ids(lb, nb, index, claims, blocked_vip_ids)
+            desired = _desired_ids(lb, nb, index, claims, blocked_vip_ids, now)
         else:
             desired = {key: None for key in WRITER_KEYS if key in ext}
         delta = {k: v for k, v in desired.items() if ext.get(k) != v}
@@ -241,6 +247,7 @@ def _desired_ids(
     index: TopologyIndex,
     claims: _ClaimedVipIds,
     blocked_vip_ids: set[int],
+    now: float,
 ) -> dict[str, str | None]:
     ext = _external_ids(lb)
     valid = validate_lb(lb, nb, index)
@@ -269,8 +276,69 @@ def _desired_ids(
     unknown = sorted(drained - set(valid.backend_keys))
     if unknown:
         notes.append(f"{EXT_DRAIN} names {', '.join(unknown[:5])}: not a backend")
-    return {
+    desired = {
         EXT_VIP_IDS: dump_id_map(vip_ids),
         EXT_BUCKETS: dump_id_map(bucket_ids),
         EXT_STATUS: _format_status(notes),
     }
+    active = {
+        vip.key: {
+            b.key: [bucket_ids[b.key], b.mac, b.lsp_name]
+            for b in vip.backends if b.key not in drained
+        }
+        for vip in valid.vips
+    }
+    active_text = json.dumps(active, sort_keys=True, separators=(",", ":"))
+    stored_active = ext.get(EXT_ACTIVE)
+    if stored_active != active_text:
+        desired[EXT_ACTIVE] = active_text
+        old = parse_active(stored_active)
+        if old:
+            desired[EXT_PREVIOUS] = json.dumps(
+                {"since": round(now, 3), "vips": old}, sort_keys=True, separators=(",", ":"))
+    return desired
+
+
+ActiveSet = dict[str, dict[str, tuple[int, str, str]]]
+
+
+def parse_active(text: object) -> ActiveSet:
+    """{vip key: {backend key: (bucket id, mac, lsp)}}; {} for anything malformed.
+
+    Only shapes are checked here: MACs and keys are validated again where used.
+    """
+    if not isinstance(text, str) or len(text) > 1_000_000:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    out: ActiveSet = {}
+    if not isinstance(data, dict):
+        return {}
+    for vip, backends in data.items():
+        if not isinstance(vip, str) or not isinstance(backends, dict):
+            return {}
+        entries = {}
+        for key, value in backends.items():
+            if not (isinstance(key, str) and isinstance(value, list) and len(value) == 3
+                    and is_plain_int(value[0]) and 0 < value[0] <= MAX_BUCKET_ID
+                    and isinstance(value[1], str) and isinstance(value[2], str)):
+                return {}
+            entries[key] = (value[0], value[1], value[2])
+        out[vip] = entries
+    return out
+
+
+def parse_previous(text: object) -> tuple[float, ActiveSet] | None:
+    """(since, active set) of `statelesslb:previous`, or None."""
+    if not isinstance(text, str) or len(text) > 1_000_000:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("since"), int | float):
+        return None
+    vips = parse_active(json.dumps(data.get("vips")))
+    return (float(data["since"]), vips) if vips else None

@@ -102,6 +102,23 @@ STATELESSLB_OPTS = [
         help="Table of the sentinel flow whose deletion reveals that ovn-controller "
         "wiped the bridge. Must be a table OVN does not use.",
     ),
+    cfg.IntOpt(
+        "private_table_base",
+        default=200,
+        min=100,
+        max=250,
+        help="First of 4 OpenFlow tables of our own (persistence layers). OVN 23.03 uses "
+        "tables up to about 80 and later releases about 100; the agent refuses to start "
+        "if they clash with the derived OVN layout.",
+    ),
+    cfg.IntOpt(
+        "gateway_zone",
+        default=64000,
+        min=1,
+        max=65535,
+        help="Conntrack zone of the gateway-affinity layer. ovn-controller hands out zones "
+        "from 1 upward, one per local port and router: pick one it will not reach.",
+    ),
     cfg.BoolOpt(
         "nb_writer",
         default=True,

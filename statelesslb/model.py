@@ -19,6 +19,15 @@ EXT_BUCKETS = EXT_PREFIX + "buckets"    # JSON {"10.0.0.11:8080": 1, ...}
 EXT_VIP_IDS = EXT_PREFIX + "vip_ids"    # JSON {"172.16.0.100:80": 7, ...}
 EXT_STATUS = EXT_PREFIX + "status"      # "ok" or "error: ..." / "pending: ..."
 EXT_DRAIN = EXT_PREFIX + "drain"        # JSON ["10.0.0.11:8080", ...]
+# The gateways' effective bucket set per VIP, and the one before the last change
+# (with its time): the backends' chassis use it to give mid-stream packets a second
+# chance at the backend that still holds their connection.
+EXT_ACTIVE = EXT_PREFIX + "active"      # JSON {vip: {backend: [id, mac, lsp]}}
+EXT_PREVIOUS = EXT_PREFIX + "previous"  # JSON {"since": t, "vips": {vip: {...}}}
+
+# Per-LB persistence choice (options column) and its window.
+PERSISTENCE_OPTION = "stateless_persistence"   # "hash" | "affinity" | "second-chance" | both
+WINDOW_OPTION = "stateless_second_chance_window"  # seconds, default 240
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ The logic is the pure `buckets.reconcile_nb`; this module only writes its result
 from __future__ import annotations
 
 import logging
+import time
 
 from statelesslb import buckets
 from statelesslb.model import NbView
@@ -25,7 +26,7 @@ class NbWriter:
 
     def reconcile(self, nb: NbView) -> int:
         """Write what reconcile_nb says; returns the number of LBs changed."""
-        changes = buckets.reconcile_nb(nb.load_balancers.values(), nb)
+        changes = buckets.reconcile_nb(nb.load_balancers.values(), nb, now=time.time())
         if not changes:
             return 0
         api_idl = self.watcher.idl

@@ -15,9 +15,9 @@ from ipaddress import IPv4Address, IPv6Address
 IpAddress = IPv4Address | IPv6Address
 
 # What may appear in a match or an action list: no spaces, no newlines.
-_SAFE_PIECE = re.compile(r"[A-Za-z0-9_=,.:()\[\]/>\-]*", re.ASCII)
+_SAFE_PIECE = re.compile(r"[A-Za-z0-9_=,.:()\[\]/>+\-]*", re.ASCII)
 # A whole bundle line: "flow add ...", "group insert_bucket ...", ...
-SAFE_LINE = re.compile(r"(?:flow|group) [a-z_]+ [A-Za-z0-9_=,.:()\[\]/>\-]*", re.ASCII)
+SAFE_LINE = re.compile(r"(?:flow|group) [a-z_]+ [A-Za-z0-9_=,.:()\[\]/>+\-]*", re.ASCII)
 _CANONICAL_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}", re.ASCII)
 
 UINT32_MAX = 0xFFFFFFFF

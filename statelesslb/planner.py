@@ -22,10 +22,17 @@ from dataclasses import dataclass, field
 from ipaddress import IPv6Address
 from types import MappingProxyType
 
-from statelesslb.buckets import MAX_BUCKET_ID, MAX_VIP_ID, parse_drain, parse_id_map
+from statelesslb.buckets import (
+    MAX_BUCKET_ID,
+    MAX_VIP_ID,
+    parse_drain,
+    parse_id_map,
+    parse_previous,
+)
 from statelesslb.model import (
     EXT_BUCKETS,
     EXT_DRAIN,
+    EXT_PREVIOUS,
     EXT_VIP_IDS,
     NbLoadBalancer,
     SbPortBinding,
@@ -51,6 +58,8 @@ from statelesslb.validate import (
     ValidVip,
     index_topology,
     is_marked,
+    parse_endpoint,
+    parse_mac,
     show,
     validate_lb,
 )
@@ -89,14 +98,49 @@ class PlanConfig:
     gateway_priority: int = 1000
     backend_priority: int = 1000
     sentinel_table: int = 250
+    # Tables of our own (OVN 23.03 uses up to ~80; later releases about 100).
+    private_table_base: int = 200
+    # Conntrack zone of the gateway-affinity layer: a zone no OVN port or datapath uses.
+    gateway_zone: int = 64000
+
+    @property
+    def backend_decide_table(self) -> int:
+        return self.private_table_base
+
+    @property
+    def gateway_sticky_table(self) -> int:
+        return self.private_table_base + 1
+
+    @property
+    def gateway_commit_table(self) -> int:
+        return self.private_table_base + 2
+
+    @property
+    def redirect_table(self) -> int:
+        return self.private_table_base + 3
+
+    @property
+    def private_tables(self) -> tuple[int, ...]:
+        return tuple(range(self.private_table_base, self.private_table_base + 4))
+
+    @property
+    def previous_group_base(self) -> int:
+        """Groups of the previous bucket sets (second chance) follow the gateway groups."""
+        return self.group_id_base + MAX_VIP_ID + 1
 
     def __post_init__(self) -> None:
         _check_range("group_id_base", self.group_id_base, _MIN_GROUP_ID_BASE,
-                     OFPG_MAX - MAX_VIP_ID)
+                     OFPG_MAX - 2 * (MAX_VIP_ID + 1))
         _check_range("cookie_prefix", self.cookie_prefix, 1, 0xFFFF)
         _check_range("gateway_priority", self.gateway_priority, 0, 0xFFFF)
         _check_range("backend_priority", self.backend_priority, 0, 0xFFFF)
         _check_range("sentinel_table", self.sentinel_table, 0, MAX_TABLE)
+        _check_range("private_table_base", self.private_table_base, 1, MAX_TABLE - 4)
+        _check_range("gateway_zone", self.gateway_zone, 1, 0xFFFF)
+        if self.sentinel_table in self.private_tables:
+            raise ValueError("sentinel_table must not be one of the private tables")
+        if self.group_id_base + 2 * (MAX_VIP_ID + 1) > OFPG_MAX:
+            raise ValueError("group_id_base leaves no room for the previous-set groups")
 
     @property
     def cookie_value(self) -> int:
@@ -216,6 +260,8 @@ class Plan:
     flows: dict[int, FlowSpec]       # by cookie; includes the sentinel
     lb_status: dict[str, LbPlanStatus]
     sentinel_cookie: int
+    # When a second-chance window closes: the agent plans again then.
+    expires_at: float | None = None
 
 
 def sentinel_flow(config: PlanConfig) -> FlowSpec:
@@ -261,10 +307,15 @@ class _Ids:
     vip_ids: Mapping[str, int]
     bucket_ids: Mapping[str, int]
     drained: frozenset[str]
+    # The gateways' bucket set before the last change, while its window is open.
+    previous: Mapping[str, Mapping[str, tuple[int, str, str]]] = field(default_factory=dict)
+    previous_until: float | None = None
 
 
-def plan(snapshot: Snapshot, config: PlanConfig | None = None) -> Plan:
+def plan(snapshot: Snapshot, config: PlanConfig | None = None, now: float = 0.0) -> Plan:
     """The flows, groups and per-LB status for `snapshot.chassis`.
+
+    `now` (unix time) decides which second-chance windows are still open.
 
     Raises ValueError only for a bad `config` or table layout (local setup,
     not NB data); NB and SB content never makes it raise.
@@ -279,6 +330,7 @@ def plan(snapshot: Snapshot, config: PlanConfig | None = None) -> Plan:
     }
     group_owner: dict[int, _Owner] = {}
     statuses: dict[str, LbPlanStatus] = {}
+    expiries: list[float] = []
 
     nb = snapshot.nb
     index = index_topology(nb)
@@ -293,13 +345,15 @@ def plan(snapshot: Snapshot, config: PlanConfig | None = None) -> Plan:
         if isinstance(valid, LbError):
             statuses[lb.uuid] = LbPlanStatus(name, STATE_ERROR, valid.message)
             continue
-        ids = _read_ids(lb, valid)
+        ids = _read_ids(lb, valid, now)
         if isinstance(ids, LbPlanStatus):
             statuses[lb.uuid] = ids
             continue
         candidate = _Candidate()
         _plan_gateway(valid, ids, snapshot, config, candidate)
-        _plan_backends(valid, snapshot, config, candidate)
+        _plan_backends(valid, ids, snapshot, config, candidate)
+        if ids.previous_until is not None:
+            expiries.append(ids.previous_until)
 
         owner = _Owner(name, lb.uuid)
         conflict = candidate.self_conflict or _find_conflict(
@@ -329,6 +383,7 @@ def plan(snapshot: Snapshot, config: PlanConfig | None = None) -> Plan:
         flows=dict(sorted(flows.items())),
         lb_status=dict(sorted(statuses.items())),
         sentinel_cookie=sentinel.cookie,
+        expires_at=min(expiries) if expiries else None,
     )
 
 
@@ -351,9 +406,12 @@ def _check_tables(tables: TableLayout, config: PlanConfig) -> None:
         used.add(value)
     if config.sentinel_table in used:
         raise ValueError(f"sentinel_table {config.sentinel_table} is an OVN pipeline table")
+    clash = used & set(config.private_tables)
+    if clash:
+        raise ValueError(f"private tables {sorted(clash)} are OVN pipeline tables")
 
 
-def _read_ids(lb: NbLoadBalancer, valid: ValidLb) -> _Ids | LbPlanStatus:
+def _read_ids(lb: NbLoadBalancer, valid: ValidLb, now: float) -> _Ids | LbPlanStatus:
     """The NB writer's ids for this LB, or why they cannot be used yet."""
     name = _text(lb.name)
     ext = lb.external_ids if isinstance(lb.external_ids, Mapping) else {}
@@ -386,6 +444,10 @@ def _read_ids(lb: NbLoadBalancer, valid: ValidLb) -> _Ids | LbPlanStatus:
             or len(set(own_bucket_ids)) != len(own_bucket_ids)):
         return LbPlanStatus(name, STATE_PENDING,
                             "stored ids repeat; waiting for the NB writer to re-assign them")
+    previous = parse_previous(ext.get(EXT_PREVIOUS))
+    if previous is not None and valid.second_chance and now < previous[0] + valid.window:
+        return _Ids(vip_ids, bucket_ids, parse_drain(ext.get(EXT_DRAIN)), previous[1],
+                    previous[0] + valid.window)
     return _Ids(vip_ids, bucket_ids, parse_drain(ext.get(EXT_DRAIN)))
 
 
@@ -444,7 +506,12 @@ def _plan_gateway(
         else:
             dgp_keys.append(binding.tunnel_key)
     groups = []
+    rp_keys: dict[str, int] = {}
     for vip in valid.vips:
+        for backend in vip.backends:   # drained ones too: affinity keeps their flows
+            binding = _binding(sb, backend.router_port_name)
+            if binding is not None and binding.datapath_key == router_dp:
+                rp_keys[backend.router_port_name] = binding.tunnel_key
         buckets = {}
         for backend in vip.backends:
             if backend.key in ids.drained:
@@ -455,8 +522,14 @@ def _plan_gateway(
                     f"no usable SB port binding for router port "
                     f"{show(backend.router_port_name)} yet")
                 continue
-            buckets[ids.bucket_ids[backend.key]] = _bucket_actions(
-                backend, binding.tunnel_key, snapshot.tables)
+            rp_keys[backend.router_port_name] = binding.tunnel_key
+            if valid.affinity:
+                # New flows go on to the commit table, which remembers the bucket.
+                buckets[ids.bucket_ids[backend.key]] = _steer_actions(
+                    backend, binding.tunnel_key, f"resubmit(,{config.gateway_commit_table})")
+            else:
+                buckets[ids.bucket_ids[backend.key]] = _bucket_actions(
+                    backend, binding.tunnel_key, snapshot.tables)
         groups.append((vip, GroupSpec(config.group_id_base + ids.vip_ids[vip.key],
                                       GROUP_FIELDS, buckets)))
     if problems:
@@ -467,8 +540,44 @@ def _plan_gateway(
     for vip, group in groups:
         out.groups[group.group_id] = (group, vip.key)
         for dgp_key in dgp_keys:
-            out.add_flow(_gateway_flow(valid.protocol, vip, dgp_key, router_dp, group,
+            out.add_flow(_gateway_flow(valid, vip, dgp_key, router_dp, group,
                                        snapshot.tables, config), vip.key)
+        if valid.affinity:
+            _plan_affinity(valid, vip, ids, router_dp, group, rp_keys, snapshot.tables,
+                           config, out)
+
+
+def _plan_affinity(
+    valid: ValidLb, vip: ValidVip, ids: _Ids, router_dp: int, group: GroupSpec,
+    rp_keys: Mapping[str, int], tables: TableLayout, config: PlanConfig, out: _Candidate,
+) -> None:
+    """Gateway affinity: a conntrack entry in our own zone remembers each flow's bucket.
+
+    The intercept flow looks the packet up in `gateway_zone`; a known flow goes
+    straight to its bucket's backend (drained ones included), a new one through
+    the group, then to the commit table that stores the bucket id in ct_mark.
+    """
+    l4, ip_prefix = _l4_match(valid.protocol, vip.ip)
+    vip_part = (f"{l4},metadata={hex_int(router_dp)},{ip_prefix}_dst={ip_text(vip.ip)},"
+                f"tp_dst={dec_int(vip.port, 0xFFFF)}")
+    zone = f"zone={dec_int(config.gateway_zone, 0xFFFF)}"
+    for backend in vip.backends:
+        bid = ids.bucket_ids[backend.key]
+        forward = _bucket_actions(backend, rp_keys[backend.router_port_name], tables)
+        out.add_flow(FlowSpec(
+            config.gateway_sticky_table, 200,
+            f"ct_state=+trk,ct_mark={hex_int(bid)},{vip_part}", forward,
+            config.cookie_prefix), vip.key)
+        if backend.key in ids.drained:
+            continue
+        out.add_flow(FlowSpec(
+            config.gateway_commit_table, 100,
+            f"{vip_part},dl_dst={mac_text(backend.mac)}",
+            f"ct(commit,{zone},exec(set_field:{hex_int(bid)}->ct_mark)),"
+            f"dec_ttl,resubmit(,{dec_int(tables.output, MAX_TABLE)})",
+            config.cookie_prefix), vip.key)
+    out.add_flow(FlowSpec(config.gateway_sticky_table, 100, vip_part,
+                          f"group:{dec_int(group.group_id)}", config.cookie_prefix), vip.key)
 
 
 def _bucket_actions(backend: ValidBackend, router_port_key: int, tables: TableLayout) -> str:
@@ -481,56 +590,196 @@ def _bucket_actions(backend: ValidBackend, router_port_key: int, tables: TableLa
     )
 
 
+def _steer_actions(backend: ValidBackend, router_port_key: int, then: str) -> str:
+    # A bucket is an action set: set fields, then ONE resubmit (no ct(commit) here,
+    # it would be lost beside the resubmit on OVS 3.1).
+    return (
+        f"set_field:{mac_text(backend.router_port_mac)}->eth_src,"
+        f"set_field:{mac_text(backend.mac)}->eth_dst,"
+        f"set_field:{hex_int(router_port_key)}->reg15,{then}"
+    )
+
+
 def _gateway_flow(
-    protocol: str, vip: ValidVip, dgp_key: int, router_dp: int, group: GroupSpec,
+    valid: ValidLb, vip: ValidVip, dgp_key: int, router_dp: int, group: GroupSpec,
     tables: TableLayout, config: PlanConfig,
 ) -> FlowSpec:
-    l4, ip_prefix = _l4_match(protocol, vip.ip)
+    l4, ip_prefix = _l4_match(valid.protocol, vip.ip)
     match = (f"{l4},reg14={hex_int(dgp_key)},metadata={hex_int(router_dp)},"
              f"{ip_prefix}_dst={ip_text(vip.ip)},tp_dst={dec_int(vip.port, 0xFFFF)}")
-    return FlowSpec(tables.lr_in_intercept, config.gateway_priority, match,
-                    f"group:{dec_int(group.group_id)}", config.cookie_prefix)
+    if valid.affinity:
+        actions = (f"ct(table={dec_int(config.gateway_sticky_table, MAX_TABLE)},"
+                   f"zone={dec_int(config.gateway_zone, 0xFFFF)})")
+    else:
+        actions = f"group:{dec_int(group.group_id)}"
+    return FlowSpec(tables.lr_in_intercept, config.gateway_priority, match, actions,
+                    config.cookie_prefix)
+
+
+@dataclass(frozen=True)
+class _LocalBackend:
+    """A backend whose VIF is bound on this chassis, with its SB keys."""
+
+    ip: IpAddress
+    port: int
+    key: str
+    mac: str
+    port_key: int
+    switch_dp: int
+    router_port_mac: str
 
 
 def _plan_backends(
-    valid: ValidLb, snapshot: Snapshot, config: PlanConfig, out: _Candidate
+    valid: ValidLb, ids: _Ids, snapshot: Snapshot, config: PlanConfig, out: _Candidate
 ) -> None:
     sb, tables = snapshot.sb, snapshot.tables
+    router_macs: dict[int, str] = {}   # switch datapath key -> its router port's MAC
     for vip in valid.vips:
+        local = []
         for backend in vip.backends:
             binding = _binding(sb, backend.lsp_name)
             if binding is None:
                 out.pending.append(
                     f"no usable SB port binding for backend port {show(backend.lsp_name)} yet")
                 continue
-            if binding.chassis != snapshot.chassis:
-                continue
             switch_dp = _datapath_key(sb, backend.switch_uuid)
             if switch_dp is None or binding.datapath_key != switch_dp:
                 out.pending.append(
                     f"no usable SB datapath for the switch of {show(backend.lsp_name)} yet")
                 continue
+            router_macs[switch_dp] = backend.router_port_mac
+            if binding.chassis != snapshot.chassis:
+                continue
+            local.append(_LocalBackend(backend.ip, backend.port, backend.key, backend.mac,
+                                       binding.tunnel_key, switch_dp,
+                                       backend.router_port_mac))
+        previous = ids.previous.get(vip.key, {})
+        # Backends only in the previous set still hold connections: while the window
+        # is open their chassis keep un-DNATing replies and serving redirected packets.
+        current = {b.key for b in vip.backends}
+        for key, (_bid, mac_text_, lsp) in sorted(previous.items()):
+            if key in current:
+                continue
+            extra = _previous_backend(key, mac_text_, lsp, sb, snapshot.chassis, router_macs)
+            if extra is not None:
+                local.append(extra)
+        second_chance = (valid.second_chance and valid.protocol == "tcp")
+        prev_group = None
+        if second_chance and previous and local:
+            prev_group = _previous_group(vip, previous, ids, sb, config, tables)
+            out.groups[prev_group.group_id] = (prev_group, vip.key)
+        for backend in local:
             out.roles.add(ROLE_BACKEND)
-            l4, ip_prefix = _l4_match(valid.protocol, vip.ip)
-            port_key, dp_key = hex_int(binding.tunnel_key), hex_int(switch_dp)
-            zone = "zone=NXM_NX_REG13[0..15]"   # the port's own conntrack zone
-            dnat = FlowSpec(
-                tables.ls_out_intercept, config.backend_priority,
-                f"{l4},reg15={port_key},metadata={dp_key},"
-                f"{ip_prefix}_dst={ip_text(vip.ip)},tp_dst={dec_int(vip.port, 0xFFFF)}",
-                f"ct(commit,table={dec_int(tables.ls_out_next, MAX_TABLE)},{zone},"
-                f"nat(dst={endpoint_text(backend.ip, backend.port)}))",
-                config.cookie_prefix,
-            )
-            reply = FlowSpec(
-                tables.ls_in_intercept, config.backend_priority,
-                f"{l4},reg14={port_key},metadata={dp_key},"
-                f"{ip_prefix}_src={ip_text(backend.ip)},tp_src={dec_int(backend.port, 0xFFFF)}",
-                f"ct(table={dec_int(tables.ls_in_next, MAX_TABLE)},{zone},nat)",
-                config.cookie_prefix,
-            )
-            out.add_flow(dnat, vip.key)
-            out.add_flow(reply, vip.key)
+            _backend_flows(valid, vip, backend, second_chance, prev_group, tables, config,
+                           out)
+
+
+def _previous_backend(
+    key: str, mac: str, lsp: str, sb: SbView, chassis: str, router_macs: Mapping[int, str]
+) -> _LocalBackend | None:
+    endpoint = parse_endpoint(key)
+    canonical_mac = parse_mac(mac)
+    binding = _binding(sb, lsp)
+    if isinstance(endpoint, str) or canonical_mac is None or binding is None:
+        return None
+    if binding.chassis != chassis or binding.datapath_key not in router_macs:
+        return None
+    ip, port = endpoint
+    return _LocalBackend(ip, port, key, canonical_mac, binding.tunnel_key,
+                         binding.datapath_key, router_macs[binding.datapath_key])
+
+
+def _previous_group(
+    vip: ValidVip, previous: Mapping[str, tuple[int, str, str]], ids: _Ids, sb: SbView,
+    config: PlanConfig, tables: TableLayout,
+) -> GroupSpec:
+    """The gateways' group as it was before the last change, on a backend's chassis.
+
+    Same bucket ids, same fields: it picks for a packet the backend the gateways
+    picked before the change, the one that holds the connection. Each bucket
+    steers there; the redirect table then commits locally or forwards once.
+    """
+    buckets = {}
+    for _key, (bid, mac, lsp) in sorted(previous.items()):
+        canonical_mac = parse_mac(mac)
+        binding = _binding(sb, lsp)
+        redirect = f"resubmit(,{dec_int(config.redirect_table, MAX_TABLE)})"
+        if canonical_mac is None or binding is None:
+            # Unknown now: no state to find anywhere, so serve it here.
+            buckets[bid] = redirect
+        else:
+            buckets[bid] = (f"set_field:{canonical_mac}->eth_dst,"
+                            f"set_field:{hex_int(binding.tunnel_key)}->reg15,{redirect}")
+    return GroupSpec(config.previous_group_base + ids.vip_ids[vip.key], GROUP_FIELDS,
+                     buckets)
+
+
+def _backend_flows(
+    valid: ValidLb, vip: ValidVip, b: _LocalBackend, second_chance: bool,
+    prev_group: GroupSpec | None, tables: TableLayout, config: PlanConfig, out: _Candidate,
+) -> None:
+    l4, ip_prefix = _l4_match(valid.protocol, vip.ip)
+    port_key, dp_key = hex_int(b.port_key), hex_int(b.switch_dp)
+    zone = "zone=NXM_NX_REG13[0..15]"   # the port's own conntrack zone
+    vip_part = f"{ip_prefix}_dst={ip_text(vip.ip)},tp_dst={dec_int(vip.port, 0xFFFF)}"
+    out_next = dec_int(tables.ls_out_next, MAX_TABLE)
+    dnat = (f"ct(commit,table={out_next},{zone},"
+            f"nat(dst={endpoint_text(b.ip, b.port)}))")
+    rp_mac = mac_text(b.router_port_mac)
+    here = f"{l4},reg15={port_key},metadata={dp_key}"
+    reply = FlowSpec(
+        tables.ls_in_intercept, config.backend_priority,
+        f"{l4},reg14={port_key},metadata={dp_key},"
+        f"{ip_prefix}_src={ip_text(b.ip)},tp_src={dec_int(b.port, 0xFFFF)}",
+        f"ct(table={dec_int(tables.ls_in_next, MAX_TABLE)},{zone},nat)",
+        config.cookie_prefix,
+    )
+    out.add_flow(reply, vip.key)
+    if not second_chance:
+        out.add_flow(FlowSpec(tables.ls_out_intercept, config.backend_priority,
+                              f"{here},{vip_part}", dnat, config.cookie_prefix), vip.key)
+        return
+    decide = config.backend_decide_table
+    flows = [
+        # Look the packet up (un-committed); an existing entry also applies its DNAT.
+        FlowSpec(tables.ls_out_intercept, config.backend_priority, f"{here},{vip_part}",
+                 f"ct(table={dec_int(decide, MAX_TABLE)},{zone},nat)", config.cookie_prefix),
+        # Known connection (already DNATed by the lookup): on to the next stage.
+        FlowSpec(decide, 300, f"ct_state=-new-inv+trk,{here}",
+                 f"set_field:{rp_mac}->eth_src,resubmit(,{out_next})", config.cookie_prefix),
+        # An entry without a reply yet is still ct.new, but the lookup found it and
+        # DNATed the packet: the destination says so.
+        FlowSpec(decide, 250,
+                 f"ct_state=+trk,{here},{ip_prefix}_dst={ip_text(b.ip)},"
+                 f"tp_dst={dec_int(b.port, 0xFFFF)}",
+                 f"set_field:{rp_mac}->eth_src,resubmit(,{out_next})", config.cookie_prefix),
+        # A SYN opens a connection here.
+        FlowSpec(decide, 200, f"ct_state=+new+trk,tcp_flags=+syn-ack,{here},{vip_part}",
+                 dnat, config.cookie_prefix),
+        # Anything else new: serve it here (redirected packets land here too).
+        FlowSpec(decide, 100, f"ct_state=+new+trk,{here},{vip_part}",
+                 f"set_field:{rp_mac}->eth_src,{dnat}", config.cookie_prefix),
+        FlowSpec(decide, 50, f"ct_state=+inv+trk,{here}", "drop", config.cookie_prefix),
+        # Redirect table: the previous owner is this very backend -> serve here.
+        FlowSpec(config.redirect_table, 200,
+                 f"{l4},metadata={dp_key},dl_src={mac_text(b.mac)},dl_dst={mac_text(b.mac)},"
+                 f"{vip_part}",
+                 f"set_field:{port_key}->reg15,set_field:{rp_mac}->eth_src,{dnat}",
+                 config.cookie_prefix),
+    ]
+    if prev_group is not None:
+        # Mid-stream, no state here, straight from a gateway (eth.src is the router's):
+        # ask the previous bucket set who owned it. eth.src = our MAC marks the packet
+        # as redirected, so the next chassis never redirects it again: no loops.
+        flows.append(FlowSpec(
+            decide, 150, f"ct_state=+new+trk,{here},dl_src={rp_mac},{vip_part}",
+            f"set_field:{mac_text(b.mac)}->eth_src,group:{dec_int(prev_group.group_id)}",
+            config.cookie_prefix))
+        flows.append(FlowSpec(
+            config.redirect_table, 100, f"{l4},metadata={dp_key},{vip_part}",
+            f"resubmit(,{dec_int(tables.output, MAX_TABLE)})", config.cookie_prefix))
+    for flow in flows:
+        out.add_flow(flow, vip.key)
 
 
 def _find_conflict(

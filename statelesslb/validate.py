@@ -20,6 +20,8 @@ from ipaddress import IPv4Address, IPv6Address
 from statelesslb.model import (
     MODE_MAC,
     MODE_OPTION,
+    PERSISTENCE_OPTION,
+    WINDOW_OPTION,
     NbLoadBalancer,
     NbRouter,
     NbRouterPort,
@@ -30,6 +32,12 @@ from statelesslb.model import (
 from statelesslb.ofstrings import IpAddress, endpoint_text
 
 SUPPORTED_PROTOCOLS = ("tcp", "udp")
+PERSISTENCE_LAYERS = frozenset({"hash", "affinity", "second-chance"})
+# Second chance by default: it keeps sessions across backend changes and keeps the
+# gateways stateless. Four minutes, as Beamer's daisy chaining does.
+DEFAULT_PERSISTENCE = "second-chance"
+DEFAULT_WINDOW = 240
+MAX_WINDOW = 86400
 NO_PORT = "has no port"  # parse_endpoint's reason for a bare address
 DEFAULT_PROTOCOL = "tcp"
 
@@ -76,6 +84,10 @@ class ValidLb:
     router_name: str
     dgps: tuple[str, ...]    # names of the router's distributed gateway ports
     vips: tuple[ValidVip, ...]
+    # Persistence layers on top of hashing (docs/persistence.md).
+    affinity: bool = False           # gateway conntrack remembers each flow's bucket
+    second_chance: bool = True       # backends' chassis forward to the previous owner
+    window: int = DEFAULT_WINDOW     # seconds the previous bucket set stays in force
 
     @property
     def vip_keys(self) -> tuple[str, ...]:
@@ -92,6 +104,26 @@ class LbError:
     uuid: str
     name: str
     message: str
+
+
+def parse_persistence(options: object) -> tuple[bool, bool, int]:
+    """(affinity, second_chance, window) from an LB's options; raises _Invalid."""
+    opts = options if isinstance(options, Mapping) else {}
+    raw = opts.get(PERSISTENCE_OPTION, DEFAULT_PERSISTENCE)
+    if not isinstance(raw, str):
+        raise _Invalid(f"options:{PERSISTENCE_OPTION} is not a string")
+    layers = {part.strip() for part in raw.split(",")}
+    unknown = layers - PERSISTENCE_LAYERS
+    if unknown or not layers or ("hash" in layers and len(layers) > 1):
+        raise _Invalid(
+            f"options:{PERSISTENCE_OPTION}={show(raw)} is not one of hash, affinity, "
+            "second-chance or affinity,second-chance")
+    raw_window = opts.get(WINDOW_OPTION, str(DEFAULT_WINDOW))
+    if not isinstance(raw_window, str) or not _PORT.fullmatch(raw_window) or not (
+            1 <= int(raw_window) <= MAX_WINDOW):
+        raise _Invalid(f"options:{WINDOW_OPTION}={show(raw_window)} is not a number of "
+                       f"seconds in 1..{MAX_WINDOW}")
+    return "affinity" in layers, "second-chance" in layers, int(raw_window)
 
 
 class _Invalid(Exception):
@@ -352,7 +384,9 @@ def _validate(
     valid_vips = tuple(
         ValidVip(vip.ip, vip.port, vip.key, resolver.resolve_vip(vip)) for vip in vips
     )
-    return ValidLb(uuid, name, protocol, _as_str(router.uuid), router_name, dgps, valid_vips)
+    affinity, second_chance, window = parse_persistence(lb.options)
+    return ValidLb(uuid, name, protocol, _as_str(router.uuid), router_name, dgps, valid_vips,
+                   affinity, second_chance, window)
 
 
 def _check_protocol(protocol: object) -> str:

@@ -112,9 +112,10 @@ def wait_lb_ready(sb: Sandbox, name: str, vip: str, n_backends: int,
         for backend in buckets:
             vm = topo.vm_by_ip(backend.rsplit(":", 1)[0])
             chassis = sb.chassis[vm.chassis]
-            wanted = f"nw_dst={vip_ip},tp_dst={vip_port} actions=ct(commit"
-            wait_until(lambda c=chassis, w=wanted, b=backend: any(
-                w in f and f"nat(dst={b})" in f for f in our_flows(c)),
+            wanted = f"nw_dst={vip_ip},tp_dst={vip_port} actions=ct("
+            wait_until(lambda c=chassis, w=wanted, b=backend: (
+                flows := our_flows(c)) and any(w in f for f in flows) and any(
+                f"nat(dst={b})" in f for f in flows),
                 timeout, 0.02, f"DNAT flow for {backend} on {chassis.name}")
     return gid
 

@@ -19,6 +19,7 @@ from statelesslb.buckets import reconcile_nb
 from statelesslb.model import (
     MODE_MAC,
     MODE_OPTION,
+    PERSISTENCE_OPTION,
     NbLoadBalancer,
     NbRouter,
     NbRouterPort,
@@ -35,7 +36,9 @@ TABLES = TableLayout(
     lr_in_intercept=13, ls_out_intercept=42, ls_out_next=43,
     ls_in_intercept=9, ls_in_next=10, output=37,
 )
-MARKED = {MODE_OPTION: MODE_MAC}
+# Plain hashing unless a test asks for a persistence layer: most planner tests pin
+# the layer-1 flows; test_persistence.py covers the other layers.
+MARKED = {MODE_OPTION: MODE_MAC, PERSISTENCE_OPTION: "hash"}
 
 
 @dataclass

@@ -17,7 +17,14 @@ from statelesslb.buckets import (
     parse_id_map,
     reconcile_nb,
 )
-from statelesslb.model import EXT_BUCKETS, EXT_DRAIN, EXT_STATUS, EXT_VIP_IDS
+from statelesslb.model import (
+    EXT_ACTIVE,
+    EXT_BUCKETS,
+    EXT_DRAIN,
+    EXT_PREVIOUS,
+    EXT_STATUS,
+    EXT_VIP_IDS,
+)
 
 from .factories import basic_topo
 
@@ -154,6 +161,8 @@ def test_fresh_lb_gets_ids_and_ok_status_then_nothing_changes():
         EXT_VIP_IDS: '{"172.16.0.100:80":1}',
         EXT_BUCKETS: '{"10.0.0.11:8080":1,"10.0.0.12:8080":2}',
         EXT_STATUS: "ok",
+        EXT_ACTIVE: '{"172.16.0.100:80":{"10.0.0.11:8080":[1,"50:54:00:00:00:01","vm1"],'
+                    '"10.0.0.12:8080":[2,"50:54:00:00:00:02","vm2"]}}',
     }}
     apply(topo, changes)
     assert reconcile_nb(topo.load_balancers.values(), topo.nb()) == {}
@@ -272,10 +281,17 @@ def test_drained_backends_keep_their_ids_and_drain_problems_are_reported():
     ext = dict(topo.lb("lb0").external_ids)
     ext[EXT_DRAIN] = '["10.0.0.11:8080", "10.0.0.77:1", 5]'
     topo.update_lb("lb0", external_ids=ext)
-    changes = reconcile_nb(topo.load_balancers.values(), topo.nb())
-    assert changes == {"uuid-lb-lb0": {EXT_STATUS: (
+    changes = reconcile_nb(topo.load_balancers.values(), topo.nb(), now=1000.0)
+    assert changes["uuid-lb-lb0"][EXT_STATUS] == (
         "ok (statelesslb:drain is not a JSON list of IP:port strings; bad entries ignored; "
-        "statelesslb:drain names 10.0.0.77:1: not a backend)")}}
+        "statelesslb:drain names 10.0.0.77:1: not a backend)")
+    # The drained backend leaves the gateways' set; the set before is kept, stamped.
+    assert json.loads(changes["uuid-lb-lb0"][EXT_ACTIVE]) == {
+        "172.16.0.100:80": {"10.0.0.12:8080": [2, "50:54:00:00:00:02", "vm2"]}}
+    previous = json.loads(changes["uuid-lb-lb0"][EXT_PREVIOUS])
+    assert previous["since"] == 1000.0
+    assert set(previous["vips"]["172.16.0.100:80"]) == {"10.0.0.11:8080", "10.0.0.12:8080"}
+    assert EXT_BUCKETS not in changes["uuid-lb-lb0"]
     assert topo.lb("lb0").external_ids[EXT_BUCKETS] == before
 
 

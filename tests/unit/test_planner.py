@@ -32,7 +32,7 @@ from .factories import TABLES, Topo, basic_topo
 
 # The brief's allowed alphabet for a bundle line, minus whitespace other than
 # the separating spaces (a newline would start a second command).
-STRICT_LINE = re.compile(r"^[a-z_ ]+ [A-Za-z0-9_=,.:()\[\]/>\-]*\Z")
+STRICT_LINE = re.compile(r"^[a-z_ ]+ [A-Za-z0-9_=,.:()\[\]/>+\-]*\Z")
 GROUP_BASE = PlanConfig().group_id_base
 
 
