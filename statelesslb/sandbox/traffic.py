@@ -158,3 +158,96 @@ def elapsed_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> f
     start = time.monotonic()
     wait_until(predicate, timeout, interval, "condition")
     return time.monotonic() - start
+
+
+@dataclass(frozen=True)
+class Conn:
+    """One client TCP connection through the LB: who opened it, and where it landed."""
+
+    src_ip: str
+    sport: int
+    vm: str
+
+
+def _vm_offsets(sb: Sandbox, topo: Topology) -> dict[str, int]:
+    return {vm.name: len(sb.chassis[vm.chassis].sent(vm.name)) for vm in topo.vms}
+
+
+def _new_at_vms(sb: Sandbox, topo: Topology, offsets: dict[str, int]):
+    for vm in topo.vms:
+        for pkt in sb.chassis[vm.chassis].sent(vm.name)[offsets.get(vm.name, 0):]:
+            yield vm, pkt
+
+
+def open_connections(sb: Sandbox, topo: Topology, vip: str, sports: range,
+                     dgp_mac: str | None = None, src_ip: str | None = None,
+                     dport: int = 80, settle: float = 3.0) -> list[Conn]:
+    """Full handshakes: SYN through a gateway, SYN-ACK from the chosen VM, ACK.
+
+    Returns the connections whose SYN reached a VM, with that VM.
+    """
+    mac = dgp_mac or topo.dgp_mac
+    src = src_ip or topo.client_ip
+    offsets = _vm_offsets(sb, topo)
+    for sport in sports:
+        sb.client_inject(P.tcp_syn(topo.client_mac, mac, src, vip, sport, dport))
+    wanted = set(sports)
+    owner: dict[int, Vm] = {}
+
+    def landed():
+        for vm, pkt in _new_at_vms(sb, topo, offsets):
+            ip, l4 = P.ip(pkt), P.l4(pkt)
+            if (P.is_tcp(pkt, "S") and ip.src == src and l4.sport in wanted):
+                owner.setdefault(l4.sport, vm)
+        return len(owner) == len(wanted)
+    try:
+        wait_until(landed, settle, 0.05, "every SYN at a VM")
+    except TimeoutError:
+        pass
+    conns = []
+    for sport, vm in sorted(owner.items()):
+        l4port = None
+        for pkt in sb.chassis[vm.chassis].sent(vm.name)[offsets[vm.name]:]:
+            if P.is_tcp(pkt, "S") and P.l4(pkt).sport == sport and P.ip(pkt).src == src:
+                l4port = P.l4(pkt).dport
+        sb.chassis[vm.chassis].inject(vm.name, P.tcp_synack(
+            vm.mac, topo.router_port_mac, vm.ip, src, l4port or 8080, sport))
+        sb.client_inject(P.tcp_ack(topo.client_mac, mac, src, vip, sport, dport))
+        conns.append(Conn(src, sport, vm.name))
+    return conns
+
+
+def midstream(sb: Sandbox, topo: Topology, vip: str, conns: list[Conn], tag: bytes,
+              dgp_mac: str | None = None, dport: int = 80,
+              settle: float = 1.5) -> dict[tuple[str, int], list[str]]:
+    """One data packet on every connection; where each arrived (VM names, in order).
+
+    A connection is intact when its packet reached exactly its own VM.
+    """
+    mac = dgp_mac or topo.dgp_mac
+    offsets = _vm_offsets(sb, topo)
+    for c in conns:
+        sb.client_inject(P.tcp_ack(topo.client_mac, mac, c.src_ip, vip, c.sport, dport,
+                                   payload=tag))
+    seen: dict[tuple[str, int], list[str]] = {(c.src_ip, c.sport): [] for c in conns}
+
+    def collect():
+        for key in seen:
+            seen[key] = []
+        for vm, pkt in _new_at_vms(sb, topo, offsets):
+            ip, l4 = P.ip(pkt), P.l4(pkt)
+            if ip is None or l4 is None or not bytes(l4.payload).startswith(tag):
+                continue
+            key = (ip.src, l4.sport)
+            if key in seen:
+                seen[key].append(vm.name)
+        return all(seen.values())
+    try:
+        wait_until(collect, settle, 0.05, "mid-stream packets at the VMs")
+    except TimeoutError:
+        collect()
+    return seen
+
+
+def broken(conns: list[Conn], arrivals: dict[tuple[str, int], list[str]]) -> list[Conn]:
+    return [c for c in conns if arrivals.get((c.src_ip, c.sport)) != [c.vm]]

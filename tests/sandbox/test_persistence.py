@@ -1,0 +1,132 @@
+"""Sessions survive backend changes: each persistence layer's guarantee, with real packets."""
+
+from __future__ import annotations
+
+import pytest
+
+from statelesslb.planner import GROUP_FIELDS
+from statelesslb.predict import FlowTuple, predict_bucket
+from statelesslb.sandbox import agents
+from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.traffic import (
+    GROUP_BASE,
+    broken,
+    conntrack_lines,
+    create_lb,
+    lb_ids,
+    midstream,
+    open_connections,
+    our_groups,
+    wait_lb_ready,
+)
+
+TOPOLOGY_KWARGS = {"vms": 4}
+THREE = ["10.0.0.11:8080", "10.0.0.12:8080", "10.0.0.13:8080"]
+FOUR = THREE + ["10.0.0.14:8080"]
+
+
+@pytest.fixture(scope="module")
+def running(sandbox, topo):
+    agents.start_agents(sandbox)
+    agents.wait_agents_ready(sandbox)
+    return sandbox
+
+
+def _lb(sandbox, topo, name, vip, persistence):
+    create_lb(sandbox, name, f"{vip}:80", THREE)
+    sandbox.nbctl("set", "load_balancer", name, f"options:stateless_persistence={persistence}")
+    return wait_lb_ready(sandbox, name, f"{vip}:80", 3, topo=topo)
+
+
+def _set_backends(sandbox, topo, name, vip, backends, gid):
+    sandbox.nbctl("set", "load_balancer", name, f'vips:"{vip}:80"="{",".join(backends)}"')
+    _, ids = wait_until(lambda: (i := lb_ids(sandbox, name))[1].keys() >= {
+        b for b in backends} and i, 10, 0.05, "bucket ids")
+    wanted = {ids[b] for b in backends}
+    wait_until(lambda: set(our_groups(sandbox.chassis["gw1"])[gid].buckets) == wanted,
+               10, 0.02, "the gateway group")
+    wait_lb_ready(sandbox, name, f"{vip}:80", len(backends), topo=topo)
+
+
+def test_hashing_alone_moves_only_what_must_move(running, topo):
+    sandbox, vip = running, "172.16.0.100"
+    gid = _lb(sandbox, topo, "lbh", vip, "hash")
+    conns = open_connections(sandbox, topo, vip, range(45000, 45040))
+    assert len(conns) == 40
+    # Removal: only vm2's connections lose their backend; none of the others move.
+    _set_backends(sandbox, topo, "lbh", vip, ["10.0.0.11:8080", "10.0.0.13:8080"], gid)
+    arrivals = midstream(sandbox, topo, vip, conns, b"r1")
+    lost = broken(conns, arrivals)
+    assert {c.vm for c in lost} <= {"vm2"}
+    assert len(lost) == sum(1 for c in conns if c.vm == "vm2")
+    # Addition: the only flows that move are those the new backend now wins.
+    fresh = open_connections(sandbox, topo, vip, range(45100, 45140))
+    _set_backends(sandbox, topo, "lbh", vip, ["10.0.0.11:8080", "10.0.0.13:8080",
+                                              "10.0.0.14:8080"], gid)
+    arrivals = midstream(sandbox, topo, vip, fresh, b"r2")
+    moved = broken(fresh, arrivals)
+    assert all(arrivals[(c.src_ip, c.sport)] == ["vm4"] for c in moved), moved
+    assert 0 < len(moved) < len(fresh)   # ~1/3 with 3 -> 3 backends + 1
+
+
+def test_second_chance_keeps_sessions_when_a_backend_is_added(running, topo):
+    sandbox, vip = running, "172.16.0.101"
+    gid = _lb(sandbox, topo, "lbs", vip, "second-chance")
+    conns = open_connections(sandbox, topo, vip, range(46000, 46040))
+    assert len(conns) == 40
+    _set_backends(sandbox, topo, "lbs", vip, FOUR, gid)
+    # Not vacuous: the gateways now send some of these flows to vm4 (predicted with the
+    # same hash OVS uses), which has no state for them.
+    ids = lb_ids(sandbox, "lbs")[1]
+    moved = [c for c in conns if predict_bucket(
+        ids.values(), 100, GROUP_FIELDS,
+        FlowTuple.make(c.src_ip, vip, "tcp", c.sport, 80)) == ids["10.0.0.14:8080"]]
+    assert moved
+    arrivals = midstream(sandbox, topo, vip, conns, b"s1")
+    assert broken(conns, arrivals) == []
+    # New connections do use the new backend.
+    fresh = open_connections(sandbox, topo, vip, range(46100, 46140))
+    assert any(c.vm == "vm4" for c in fresh)
+    # The gateways stayed stateless throughout.
+    assert conntrack_lines(sandbox.chassis["gw1"], f"dst={vip}") == []
+
+
+def test_second_chance_drain_keeps_established_and_stops_new(running, topo):
+    sandbox, vip = running, "172.16.0.101"
+    gid = GROUP_BASE + lb_ids(sandbox, "lbs")[0][f"{vip}:80"]
+    conns = open_connections(sandbox, topo, vip, range(46200, 46260))
+    on_vm1 = [c for c in conns if c.vm == "vm1"]
+    assert on_vm1, "no connection landed on vm1"
+    sandbox.nbctl("set", "load_balancer", "lbs",
+                  'external_ids:"statelesslb:drain"="[\\"10.0.0.11:8080\\"]"')
+    ids = lb_ids(sandbox, "lbs")[1]
+    wait_until(lambda: ids["10.0.0.11:8080"] not in our_groups(sandbox.chassis["gw1"])[gid]
+               .buckets, 10, 0.02, "vm1's bucket out of the gateway group")
+    arrivals = midstream(sandbox, topo, vip, conns, b"s2")
+    assert broken(conns, arrivals) == []
+    fresh = open_connections(sandbox, topo, vip, range(46300, 46340))
+    assert fresh and all(c.vm != "vm1" for c in fresh)
+
+
+def test_second_chance_redirects_at_most_once(running, topo):
+    """A mid-stream packet nobody has state for is delivered once, not bounced around."""
+    sandbox, vip = running, "172.16.0.101"
+    ghosts = [c for c in open_connections(sandbox, topo, vip, range(46400, 46401))]
+    # A connection that never existed: same client, a port never opened.
+    from statelesslb.sandbox.traffic import Conn
+    ghost = Conn(topo.client_ip, 46999, "?")
+    arrivals = midstream(sandbox, topo, vip, [ghost, *ghosts], b"s3")
+    assert len(arrivals[(ghost.src_ip, ghost.sport)]) == 1
+
+
+def test_gateway_affinity_keeps_sessions_on_the_gateway(running, topo):
+    sandbox, vip = running, "172.16.0.102"
+    gid = _lb(sandbox, topo, "lba", vip, "affinity")
+    conns = open_connections(sandbox, topo, vip, range(47000, 47040))
+    assert len(conns) == 40
+    gw = sandbox.chassis["gw1"]
+    entries = [e for e in conntrack_lines(gw, f"dst={vip}") if "zone=64000" in e]
+    assert len(entries) == 40
+    _set_backends(sandbox, topo, "lba", vip, FOUR, gid)
+    arrivals = midstream(sandbox, topo, vip, conns, b"a1")
+    assert broken(conns, arrivals) == []
