@@ -109,6 +109,7 @@ class Agent:
         if not sb_remote:
             raise SystemExit("no SB remote: set [ovn] ovn_sb_connection or ovn-remote")
         bridge = conf.ovs.bridge or ext.get("ovn-bridge") or "br-int"
+        self.bridge = bridge
         target = conf.ovs.ofctl_target or f"unix:{conf.ovs.ovs_rundir}/{bridge}.mgmt"
         self.status.bridge_target = target
         _configure_ssl(conf)
@@ -201,6 +202,9 @@ class Agent:
             self._full_resync = False
             self._layout_stale = False
         if self.writer is not None:
+            if self.nb.has_lock != self.status.nb_writer:
+                LOG.info("NB writer lock %s", "acquired: this agent writes bucket ids and "
+                         "status" if self.nb.has_lock else "not held: another agent writes")
             self.status.nb_writer = self.nb.has_lock
             if self.nb.has_lock:
                 self.writer.reconcile(watchers.read_nb(self.nb))

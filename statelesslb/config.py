@@ -60,6 +60,13 @@ OVS_OPTS = [
     ),
     cfg.StrOpt("ovs_rundir", default="/var/run/openvswitch", help="OVS run directory."),
     cfg.StrOpt("ofctl_path", default="ovs-ofctl", help="The ovs-ofctl binary."),
+    cfg.StrOpt("appctl_path", default="ovs-appctl",
+               help="The ovs-appctl binary (statelesslb-ctl trace runs ofproto/trace)."),
+    cfg.StrOpt(
+        "vswitchd_ctl",
+        help="ovs-vswitchd's control socket, for traces. Default: "
+        "<ovs_rundir>/ovs-vswitchd.<pid>.ctl found through its pid file.",
+    ),
     cfg.IntOpt("ofctl_timeout", default=20, min=1, help="Seconds before ovs-ofctl is killed."),
 ]
 

@@ -12,7 +12,7 @@ import logging
 import time
 
 from statelesslb import buckets
-from statelesslb.model import NbView
+from statelesslb.model import EXT_ACTIVE, EXT_PREVIOUS, NbView
 from statelesslb.watchers import Watcher
 
 LOG = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class NbWriter:
                         row.setkey("external_ids", key, value)
                 lb = nb.load_balancers[uuid_text]
                 LOG.info("LB %s: %s", lb.name, _describe(delta))
+                LOG.debug("LB %s: full values %s", lb.name, delta)
             status = txn.commit_block()
         if status not in (ovs_idl.Transaction.SUCCESS, ovs_idl.Transaction.UNCHANGED):
             self.last_error = f"NB write failed: {status} {txn.get_error()}"
@@ -56,6 +57,13 @@ class NbWriter:
 
 
 def _describe(delta: dict[str, str | None]) -> str:
-    return ", ".join(
-        f"{k} removed" if v is None else f"{k}={v}" for k, v in sorted(delta.items())
-    )
+    """Short: ids and status in full, the (large) active/previous sets by size."""
+    parts = []
+    for key, value in sorted(delta.items()):
+        if value is None:
+            parts.append(f"{key} removed")
+        elif key in (EXT_ACTIVE, EXT_PREVIOUS) or len(value) > 200:
+            parts.append(f"{key} updated ({len(value)} bytes)")
+        else:
+            parts.append(f"{key}={value}")
+    return ", ".join(parts)

@@ -124,5 +124,5 @@ def derive_layout(sb: SbQuery, dump_by_cookie: Callable[[int], str]) -> TableLay
         ls_in_next=ingress_base + port_sec_id + 2,
         output=output_table,
     )
-    LOG.info("OpenFlow table layout: %s", layout)
+    LOG.debug("OpenFlow table layout: %s", layout)
     return layout

@@ -56,6 +56,7 @@ class WatchedIdl(connection.OvsdbIdl):
         self.source = source
         self._on_change = on_change
         self._seqno = None
+        self._was_connected = False
         self.handler = event.RowEventHandler()
         self.handler.watch_events([_AnyChange(t, source, on_change) for t in tables])
 
@@ -64,6 +65,11 @@ class WatchedIdl(connection.OvsdbIdl):
 
     def run(self):
         changed = super().run()
+        connected = self._session.is_connected()
+        if self._was_connected and not connected:
+            LOG.warning("%s: lost the connection to %s; reconnecting with backoff",
+                        self.source, self._session.get_name())
+        self._was_connected = connected
         seqno = self._session.get_seqno()
         if seqno != self._seqno:
             # A new session: the server sends its whole content again.
