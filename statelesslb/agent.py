@@ -59,6 +59,9 @@ class Agent:
         self._layout_stale = True
         self._layout: TableLayout | None = None
         self._installed: InstalledState | None = None
+        # Group ids we installed last: a full re-read checks them even when OVS's
+        # group stats leave them out (see Ofctl.groups).
+        self._known_groups: set[int] = set()
         self._next_periodic = 0.0
         self._retry_at: float | None = None
         slb = conf.statelesslb
@@ -229,8 +232,9 @@ class Agent:
         self.status.groups_expected = len(plan.groups)
         try:
             if full or self._installed is None:
+                known = set(plan.groups) | self._known_groups
                 self._installed = self.ofctl.read_state(
-                    self.plan_config.cookie_prefix, *self.group_range()
+                    self.plan_config.cookie_prefix, *self.group_range(), known_groups=known
                 )
                 self.status.last_full_sync = time.time()
             lines = diff.diff_lines(plan, self._installed)
@@ -243,6 +247,7 @@ class Agent:
                 for line in lines:
                     LOG.debug("  %s", line)
             self._installed = diff.state_after(plan)
+            self._known_groups = set(plan.groups)
             self.status.flows_installed = len(self._installed.flows)
             self.status.groups_installed = len(self._installed.groups)
             self.status.last_error = None

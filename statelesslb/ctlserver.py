@@ -54,7 +54,7 @@ from statelesslb.model import (
     Snapshot,
 )
 from statelesslb.ofstrings import checked_piece, dec_int, hex_int, ip_text, mac_text
-from statelesslb.openflow import InstalledGroup, OfctlError, parse_groups
+from statelesslb.openflow import InstalledGroup, OfctlError
 from statelesslb.planner import BUCKET_WEIGHT, GROUP_FIELDS, Plan, PlanConfig
 from statelesslb.predict import HASH_IMPLS, FlowTuple, bucket_scores
 from statelesslb.validate import (
@@ -746,10 +746,12 @@ class CtlServer:
         ofctl = self._ofctl()
         id_min, id_max = self.agent.group_range()
         try:
-            before = parse_groups(ofctl.run("dump-groups"), id_min, id_max)
+            # Per group (Ofctl.groups): a whole-bridge dump-groups can crash OVS 3.1.
+            known = set(self.agent.plan.groups) if self.agent.plan is not None else set()
+            before = ofctl.groups(id_min, id_max, known)
             for _ in range(GROUP_READ_ATTEMPTS):
                 stats = parse_group_stats(ofctl.group_stats())
-                after = parse_groups(ofctl.run("dump-groups"), id_min, id_max)
+                after = ofctl.groups(id_min, id_max, known)
                 if _bucket_orders(before) == _bucket_orders(after):
                     return after, {gid: s for gid, s in stats.items() if gid in after}
                 before = after

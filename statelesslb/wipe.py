@@ -8,9 +8,11 @@ flow monitor: its deletion, or the monitor losing the switch, means "reinstall".
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import pty
+import signal
 import subprocess
 import tempfile
 import threading
@@ -18,6 +20,17 @@ import time
 from collections.abc import Callable
 
 LOG = logging.getLogger(__name__)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the agent dies, even by SIGKILL (no orphans)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 class WipeMonitor:
@@ -84,7 +97,8 @@ class WipeMonitor:
         master, slave = pty.openpty()
         try:
             self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave
+                argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             LOG.error("cannot start the flow monitor: %s", exc)

@@ -43,6 +43,8 @@ def start_agent(sandbox: Sandbox, chassis: Chassis, debug: bool = True,
     conf_path.write_text(CONFIG_TEMPLATE.format(
         debug=str(debug).lower(), log=log, ctl=ctl, nb=sandbox.nb, ovs_db=chassis.ovs_db,
         br_int=chassis.br_int, rundir=rundir, resync=resync) + extra_config)
+    if ctl.exists():
+        ctl.unlink()   # left by an agent that was killed: `ready` must see the new one
     env = dict(chassis.env)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get(
         "PYTHONPATH", "")

@@ -54,8 +54,22 @@ def our_flows(chassis: Chassis) -> list[str]:
     return [line.strip() for line in out.splitlines() if "cookie=" in line]
 
 
-def our_groups(chassis: Chassis) -> dict[int, InstalledGroup]:
-    return parse_groups(chassis.dump_groups(), GROUP_BASE, GROUP_BASE + 0x0FFFFFFF)
+def our_groups(chassis: Chassis, previous: bool = False,
+               known: tuple[int, ...] = ()) -> dict[int, InstalledGroup]:
+    """Our gateway groups (with previous=True also the second-chance groups).
+
+    One dump-groups per group, never for the whole bridge, and `known` ids too
+    (see Ofctl.groups: group stats may leave groups out).
+    """
+    top = GROUP_BASE + (0x1FFFFFFF if previous else 0x0FFFFFFF)
+    ids = {int(m) for m in re.findall(r"group_id=(\d+),", chassis.ofctl("dump-group-stats"))}
+    out: dict[int, InstalledGroup] = {}
+    for gid in sorted(i for i in ids | set(known) if GROUP_BASE <= i <= top):
+        try:
+            out.update(parse_groups(chassis.ofctl("dump-groups", str(gid)), GROUP_BASE, top))
+        except Exception:  # removed between the two dumps
+            continue
+    return out
 
 
 def ovn_state(chassis: Chassis) -> tuple[frozenset[str], frozenset[str]]:
@@ -84,7 +98,7 @@ def _group_lines(dump: str):
 def wait_group(chassis: Chassis, group_id: int, bucket_ids: set[int],
                timeout: float = 10.0) -> InstalledGroup:
     def ready():
-        group = our_groups(chassis).get(group_id)
+        group = our_groups(chassis, known=(group_id,)).get(group_id)
         return group if group is not None and set(group.buckets) == bucket_ids else None
     return wait_until(ready, timeout, 0.02, f"group {group_id:#x} with buckets {bucket_ids} "
                       f"on {chassis.name}")
@@ -104,7 +118,7 @@ def wait_lb_ready(sb: Sandbox, name: str, vip: str, n_backends: int,
     vip_ids, buckets = wait_until(ids_ready, timeout, 0.05, f"bucket ids for {name}")
     gid = GROUP_BASE + vip_ids[vip]
     def group_ready():
-        group = our_groups(sb.chassis[gateway]).get(gid)
+        group = our_groups(sb.chassis[gateway], known=(gid,)).get(gid)
         return group is not None and len(group.buckets) == n_backends
     wait_until(group_ready, timeout, 0.02, f"group of {name} on {gateway}")
     if topo is not None:
