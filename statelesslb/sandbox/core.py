@@ -203,6 +203,19 @@ def pid_alive(pid: int, start_time: int | None = None) -> bool:
     return start_time is None or stat[1] == start_time
 
 
+def _group_has_live_member(pgid: int) -> bool:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 @dataclass
 class ProcessRecord:
     """One process the sandbox started; `name` is "<component>/<program>"."""
@@ -237,7 +250,9 @@ class ProcessRecord:
             return False
         except PermissionError:
             return True
-        return True
+        # killpg also reaches zombies, which a slow pid 1 may keep around for seconds
+        # (an agent killed with -9 leaves its ovs-ofctl monitor as one): look closer.
+        return _group_has_live_member(self.pgid)
 
     def running(self) -> bool:
         return self.alive() or self.group_alive()
@@ -452,7 +467,8 @@ class Chassis:
         Returns the path of its tx pcap (what OVN delivers to the VIF), if any.
         """
         args = ["--", "add-port", bridge, iface,
-                "--", "set", "Interface", iface, f"external_ids:iface-id={lsp_name}"]
+                "--", "set", "Interface", iface, "type=dummy",
+                f"external_ids:iface-id={lsp_name}"]
         pcap = None
         if tx_pcap:
             pcap = f"{self.rundir}/{iface}-tx.pcap"
@@ -497,7 +513,7 @@ class Chassis:
             "--", "set", "Bridge", "br-phys", "datapath_type=dummy",
             f"other_config:hwaddr={self.phys_mac}",
             "--", "add-port", "br-phys", "phys-net",
-            "--", "set", "Interface", "phys-net",
+            "--", "set", "Interface", "phys-net", "type=dummy",
             f"options:stream=unix:{sbx.net_dir}/{self.name}.sock",
             "--", "add-br", "br-int",
             "--", "set", "Bridge", "br-int", "datapath_type=dummy", "fail-mode=secure",
@@ -515,7 +531,7 @@ class Chassis:
                 "--", "add-br", "br-ext",
                 "--", "set", "Bridge", "br-ext", "datapath_type=dummy",
                 "--", "add-port", "br-ext", "ext-net",
-                "--", "set", "Interface", "ext-net",
+                "--", "set", "Interface", "ext-net", "type=dummy",
                 f"options:stream=unix:{sbx.net_dir}/{self.name}-x.sock",
                 "--", "set", "Open_vSwitch", ".",
                 f"external_ids:ovn-bridge-mappings={sbx.physnet}:br-ext",
@@ -538,7 +554,7 @@ class Chassis:
         self.sandbox.start_process(
             f"{self.name}/ovs-vswitchd",
             ovs_daemon_argv(self.sandbox.bin.vswitchd, self.rundir, self.ovs_db,
-                            "--enable-dummy=system", "-vvconn:warn"),
+                            self.sandbox.enable_dummy_arg, "-vvconn:warn"),
             env=self.env, pidfile=f"{self.rundir}/ovs-vswitchd.pid",
             log=f"{self.rundir}/ovs-vswitchd.log", cwd=str(self.rundir))
         # The database's mac_in_use can lag for seconds after a restart: ask the switch.
@@ -655,7 +671,9 @@ class Sandbox:
 
     def __init__(self, run_dir: Path | str, gateways: int = 2, hypervisors: int = 2,
                  physnet: str = "physnet1", *, client_mac: str = CLIENT_MAC,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, enable_dummy: str = "system"):
+        if enable_dummy not in ("system", ""):
+            raise SandboxError(f"enable_dummy must be 'system' or '', not {enable_dummy!r}")
         if gateways < 0 or hypervisors < 0 or gateways + hypervisors == 0:
             raise SandboxError("a sandbox needs at least one chassis")
         if gateways > 89 or hypervisors > 150:
@@ -666,10 +684,19 @@ class Sandbox:
         self.physnet = physnet
         self.client_mac = client_mac
         self.timeout = timeout
+        # ovs-vswitchd's dummy level. "system" (--enable-dummy=system) turns ports of type
+        # "" into dummy ports; "" (plain --enable-dummy) keeps type "" a real Linux netdev,
+        # which the netns mode (statelesslb.sandbox.netns) needs to attach veths. Either
+        # way the bridges use datapath_type=dummy and the sandbox's own dummy ports say
+        # type=dummy explicitly.
+        self.enable_dummy = enable_dummy
         self.timings: dict[str, float] = {}
         self.processes: dict[str, ProcessRecord] = {}
         # Reserved for the lead's statelesslb-agent bookkeeping (written verbatim).
         self.agents: dict[str, Any] = {}
+        # Reserved for statelesslb.sandbox.netns: the namespaces and links it created
+        # (written verbatim); down() has that module remove them.
+        self.netns: dict[str, Any] = {}
         self._bin: Binaries | None = None
         self._lock = threading.RLock()
         self.chassis: dict[str, Chassis] = {}
@@ -686,6 +713,10 @@ class Sandbox:
         if self._bin is None:
             self._bin = Binaries.find()
         return self._bin
+
+    @property
+    def enable_dummy_arg(self) -> str:
+        return f"--enable-dummy={self.enable_dummy}" if self.enable_dummy else "--enable-dummy"
 
     @property
     def manifest_path(self) -> Path:
@@ -1016,6 +1047,8 @@ class Sandbox:
             "pids": self.pids,
             "processes": {n: asdict(r) for n, r in self.processes.items()},
             "agents": self.agents,
+            "enable_dummy": self.enable_dummy,
+            "netns": self.netns,
             "timings": self.timings,
         }
 
@@ -1040,9 +1073,11 @@ class Sandbox:
         if doc.get("version") != MANIFEST_VERSION:
             raise SandboxError(f"{path}: unsupported manifest version {doc.get('version')}")
         sbx = cls(doc["run_dir"], doc["gateways"], doc["hypervisors"], doc["physnet"],
-                  client_mac=doc["external"]["client"]["mac"])
+                  client_mac=doc["external"]["client"]["mac"],
+                  enable_dummy=doc.get("enable_dummy", "system"))
         sbx.processes = {n: ProcessRecord(**r) for n, r in doc.get("processes", {}).items()}
         sbx.agents = doc.get("agents", {})
+        sbx.netns = doc.get("netns", {})
         sbx.timings = doc.get("timings", {})
         return sbx
 
@@ -1149,20 +1184,21 @@ class Sandbox:
                 "--", "add-br", EXTERNAL_BRIDGE,
                 "--", "set", "Bridge", EXTERNAL_BRIDGE, "datapath_type=dummy",
                 "--", "add-port", EXTERNAL_BRIDGE, CLIENT_PORT,
-                "--", "set", "Interface", CLIENT_PORT, f"options:tx_pcap={self.client_pcap}"]
+                "--", "set", "Interface", CLIENT_PORT, "type=dummy",
+                f"options:tx_pcap={self.client_pcap}"]
         for c in self.chassis.values():
             ports = [(UNDERLAY_BRIDGE, c.name)]
             if c.is_gateway:
                 ports.append((EXTERNAL_BRIDGE, f"{c.name}-x"))
             for bridge, port in ports:
                 args += ["--", "add-port", bridge, port,
-                         "--", "set", "Interface", port,
+                         "--", "set", "Interface", port, "type=dummy",
                          f"options:pstream=punix:{net}/{port}.sock"]
         self.net_vsctl(*args)
         self.start_process(
             "net/ovs-vswitchd",
             ovs_daemon_argv(self.bin.vswitchd, net, f"unix:{net}/db.sock",
-                            "--enable-dummy=system", "-vvconn:warn"),
+                            self.enable_dummy_arg, "-vvconn:warn"),
             env=_dir_env(net), pidfile=f"{net}/ovs-vswitchd.pid",
             log=f"{net}/ovs-vswitchd.log", cwd=str(net))
 
@@ -1175,6 +1211,13 @@ class Sandbox:
         with self._lock:
             recs = list(self.processes.values())
         stopped = self._stop_records(recs, timeout)
+        if self.netns:
+            # Hook for the netns mode: remove the namespaces and veths it recorded, now
+            # that the processes running in them are stopped. Imported here so that core
+            # needs no pyroute2; cleanup() logs failures instead of raising.
+            from statelesslb.sandbox.netns import cleanup
+
+            cleanup(self)
         if self.manifest_path.exists() or stopped:
             self.save()
         if stopped:

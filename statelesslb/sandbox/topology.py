@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from statelesslb.sandbox.core import CommandError, Sandbox, SandboxError, wait_until
@@ -90,13 +91,16 @@ def _router_port(sb: Sandbox, switch: str, name: str, router_port: str) -> None:
 
 def build_lb_topology(sb: Sandbox, vms: int = 2, *, client_ip: str = "172.16.0.50",
                       static_client_mac: bool = True, wait_flows: bool = True,
-                      timeout: float = 60.0) -> Topology:
+                      timeout: float = 60.0,
+                      bind_vm: Callable[[Vm], None] | None = None) -> Topology:
     """Create the topology above and wait until it is realized.
 
     Returns once cr-lr0-public is bound to the first gateway, every VM port is bound and
     up, and (wait_flows) every ovn-controller installed the flows. static_client_mac
     pre-seeds the router's MAC binding for the client (OVN does not learn it from IP
-    traffic and would ARP instead).
+    traffic and would ARP instead). bind_vm(vm), if given, attaches each VM's interface
+    to its chassis' br-int (with external_ids:iface-id=vm.name) instead of a dummy port
+    named after the VM: the netns mode (statelesslb.sandbox.netns) attaches a veth.
     """
     gws = [c.name for c in sb.gateway_chassis]
     hvs = [c.name for c in sb.hypervisor_chassis]
@@ -131,7 +135,10 @@ def build_lb_topology(sb: Sandbox, vms: int = 2, *, client_ip: str = "172.16.0.5
     if static_client_mac:
         sb.nbctl("static-mac-binding-add", t.dgp, client_ip, t.client_mac)
     for vm in t.vms:
-        sb.chassis[vm.chassis].bind_vif(vm.name, vm.name)
+        if bind_vm is not None:
+            bind_vm(vm)
+        else:
+            sb.chassis[vm.chassis].bind_vif(vm.name, vm.name)
     t.timings["configured"] = time.monotonic() - t0
 
     wait_bound(sb, t, timeout)
