@@ -210,7 +210,12 @@ class Agent:
                          "status" if self.nb.has_lock else "not held: another agent writes")
             self.status.nb_writer = self.nb.has_lock
             if self.nb.has_lock:
-                self.writer.reconcile(watchers.read_nb(self.nb))
+                nb_view = watchers.read_nb(self.nb)
+                self.writer.reconcile(nb_view)
+                due = self.writer.next_due(nb_view)
+                if due is not None:
+                    # A bucket change waits for the backends to hold the previous set.
+                    self._schedule_at(due - time.time() + 0.05)
         if layout_stale or self._layout is None:
             self._refresh_layout()
         if self._layout is None:

@@ -290,13 +290,39 @@ def _desired_ids(
     }
     active_text = json.dumps(active, sort_keys=True, separators=(",", ":"))
     stored_active = ext.get(EXT_ACTIVE)
-    if stored_active != active_text:
-        desired[EXT_ACTIVE] = active_text
-        old = parse_active(stored_active)
-        if old:
-            desired[EXT_PREVIOUS] = json.dumps(
-                {"since": round(now, 3), "vips": old}, sort_keys=True, separators=(",", ":"))
+    if stored_active == active_text:
+        return desired
+    old = parse_active(stored_active)
+    previous = parse_previous(ext.get(EXT_PREVIOUS))
+    if not old:
+        desired[EXT_ACTIVE] = active_text            # first time: nothing to protect
+    elif previous is None or previous[1] != old:
+        # Phase 1: publish the gateways' current set as "previous" and leave "active"
+        # alone, so every backend chassis installs it before any gateway changes.
+        desired[EXT_PREVIOUS] = json.dumps(
+            {"since": round(now, 3), "vips": old}, sort_keys=True, separators=(",", ":"))
+    elif now - previous[0] >= SETTLE_SECONDS:
+        desired[EXT_ACTIVE] = active_text            # phase 2: the gateways move
     return desired
+
+
+# Between publishing the previous set and moving the gateways: enough for every
+# backend chassis to install it (tens of milliseconds in the sandbox).
+SETTLE_SECONDS = 1.0
+
+
+def settling(lb: NbLoadBalancer, now: float) -> float | None:
+    """When a phase 2 may become due for this LB: its phase 1 is recent.
+
+    (Whether one is needed at all is reconcile_nb's to say; an extra wake-up of
+    the writer is harmless.)
+    """
+    ext = _external_ids(lb)
+    previous = parse_previous(ext.get(EXT_PREVIOUS))
+    if previous is None or previous[1] != parse_active(ext.get(EXT_ACTIVE)):
+        return None
+    due = previous[0] + SETTLE_SECONDS
+    return due if due > now else None
 
 
 ActiveSet = dict[str, dict[str, tuple[int, str, str]]]

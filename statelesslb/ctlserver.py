@@ -380,6 +380,10 @@ def groups_doc(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
     notes = []
     if lb_filter is not None and not any(g["kind"] == GROUP_GATEWAY for g in groups):
         notes.append(_not_gateway_note(snapshot, lb_filter))
+    elif lb_filter is not None and not any(
+            p["here"] for p in _gateway_ports(snapshot, _valid(snapshot, lb_filter))):
+        notes.append(_not_gateway_note(snapshot, lb_filter)
+                     + ": standby, its groups are ready for a failover")
     return {"chassis": snapshot.chassis, "lb": lb_filter.name if lb_filter else None,
             "groups": groups, "notes": notes}
 
@@ -428,6 +432,9 @@ def trace_request(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
     dgp_keys = [snapshot.sb.port_bindings[dgp].tunnel_key for dgp in valid.dgps
                 if _binding_chassis(snapshot, "cr-" + dgp) == snapshot.chassis
                 and dgp in snapshot.sb.port_bindings]
+    if not dgp_keys:
+        # A standby holds the groups too, but no traffic of the VIP comes here.
+        raise ValueError(_not_gateway_note(snapshot, lb) + ": run the trace there")
     router_dp = snapshot.sb.datapath_keys.get(valid.router_uuid)
     dgp_port = snapshot.nb.router_ports.get(valid.dgps[0])
     dgp_mac = parse_mac(dgp_port.mac if dgp_port else None) or TRACE_SRC_MAC

@@ -53,6 +53,9 @@ class NbRouterPort:
     networks: tuple[str, ...]
     # True when the port has gateway_chassis or an ha_chassis_group: a DGP.
     is_gateway: bool = False
+    # Chassis names that may host it (Gateway_Chassis / HA_Chassis rows): the agent
+    # prepares the gateway flows on standbys too, so a failover finds them in place.
+    gateway_chassis: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,13 @@ class NbWriter:
         self.writes = 0
         self.last_error: str | None = None
 
+    def next_due(self, nb: NbView) -> float | None:
+        """Unix time at which a settling LB may need its phase 2 written."""
+        now = time.time()
+        dues = [d for lb in nb.load_balancers.values()
+                if (d := buckets.settling(lb, now)) is not None]
+        return min(dues) if dues else None
+
     def reconcile(self, nb: NbView) -> int:
         """Write what reconcile_nb says; returns the number of LBs changed."""
         changes = buckets.reconcile_nb(nb.load_balancers.values(), nb, now=time.time())

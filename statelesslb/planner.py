@@ -7,8 +7,9 @@ applies the difference in one `ovs-ofctl bundle`.
 
 Roles of a chassis for one LB:
 - gateway: a DGP of the LB's router is resident here (its `cr-` port is bound
-  here). Per VIP: a flow in the router's ingress sending VIP:port to a hash
-  group whose buckets rewrite eth.src/eth.dst towards one backend each.
+  here), or this chassis is one of the DGP's gateway chassis (standby). Per
+  VIP: a flow in the router's ingress sending VIP:port to a hash group whose
+  buckets rewrite eth.src/eth.dst towards one backend each.
 - backend: a backend's VIF is bound here. Per (VIP, backend): a switch egress
   flow that DNATs VIP:port to the backend and commits to conntrack; per
   backend: a switch ingress flow that un-DNATs its replies.
@@ -25,11 +26,13 @@ from types import MappingProxyType
 from statelesslb.buckets import (
     MAX_BUCKET_ID,
     MAX_VIP_ID,
+    parse_active,
     parse_drain,
     parse_id_map,
     parse_previous,
 )
 from statelesslb.model import (
+    EXT_ACTIVE,
     EXT_BUCKETS,
     EXT_DRAIN,
     EXT_PREVIOUS,
@@ -80,6 +83,7 @@ DEFAULT_MAX_BUCKETS_PER_MSG = 500
 _MIN_GROUP_ID_BASE = 0x10000
 
 ROLE_GATEWAY = "gateway"
+ROLE_STANDBY = "standby-gateway"
 ROLE_BACKEND = "backend"
 STATE_OK = "ok"
 STATE_PENDING = "pending"
@@ -310,6 +314,8 @@ class _Ids:
     # The gateways' bucket set before the last change, while its window is open.
     previous: Mapping[str, Mapping[str, tuple[int, str, str]]] = field(default_factory=dict)
     previous_until: float | None = None
+    # The NB writer's `statelesslb:active`: what the gateways' groups hold.
+    active: Mapping[str, Mapping[str, tuple[int, str, str]]] = field(default_factory=dict)
 
 
 def plan(snapshot: Snapshot, config: PlanConfig | None = None, now: float = 0.0) -> Plan:
@@ -445,10 +451,11 @@ def _read_ids(lb: NbLoadBalancer, valid: ValidLb, now: float) -> _Ids | LbPlanSt
         return LbPlanStatus(name, STATE_PENDING,
                             "stored ids repeat; waiting for the NB writer to re-assign them")
     previous = parse_previous(ext.get(EXT_PREVIOUS))
+    active = parse_active(ext.get(EXT_ACTIVE))
     if previous is not None and valid.second_chance and now < previous[0] + valid.window:
         return _Ids(vip_ids, bucket_ids, parse_drain(ext.get(EXT_DRAIN)), previous[1],
-                    previous[0] + valid.window)
-    return _Ids(vip_ids, bucket_ids, parse_drain(ext.get(EXT_DRAIN)))
+                    previous[0] + valid.window, active)
+    return _Ids(vip_ids, bucket_ids, parse_drain(ext.get(EXT_DRAIN)), active=active)
 
 
 def _binding(sb: SbView, logical_port: str) -> SbPortBinding | None:
@@ -482,12 +489,22 @@ def _plan_gateway(
 ) -> None:
     sb = snapshot.sb
     resident = []
+    active_here = False
+    router_ports = snapshot.nb.router_ports if isinstance(snapshot.nb.router_ports,
+                                                          Mapping) else {}
     for dgp in valid.dgps:
         redirect = _binding(sb, "cr-" + dgp)
-        if redirect is None:
-            out.pending.append(f"no SB port binding cr-{show(dgp)} yet")
-        elif redirect.chassis == snapshot.chassis:
+        port = router_ports.get(dgp)
+        candidates = getattr(port, "gateway_chassis", ())
+        # Resident here, or a standby that may become so: prepared ahead, the flows
+        # are in place the moment a failover lands here. On a standby they match
+        # nothing: OVN's admission stage drops the DGP's traffic before our table.
+        here = redirect is not None and redirect.chassis == snapshot.chassis
+        active_here = active_here or here
+        if here or (isinstance(candidates, tuple) and snapshot.chassis in candidates):
             resident.append(dgp)
+        elif redirect is None:
+            out.pending.append(f"no SB port binding cr-{show(dgp)} yet")
     if not resident:
         return
 
@@ -513,9 +530,7 @@ def _plan_gateway(
             if binding is not None and binding.datapath_key == router_dp:
                 rp_keys[backend.router_port_name] = binding.tunnel_key
         buckets = {}
-        for backend in vip.backends:
-            if backend.key in ids.drained:
-                continue
+        for bucket_id, backend in _gateway_members(valid, vip, ids, sb):
             binding = _binding(sb, backend.router_port_name)
             if binding is None or binding.datapath_key != router_dp:
                 problems.append(
@@ -525,10 +540,10 @@ def _plan_gateway(
             rp_keys[backend.router_port_name] = binding.tunnel_key
             if valid.affinity:
                 # New flows go on to the commit table, which remembers the bucket.
-                buckets[ids.bucket_ids[backend.key]] = _steer_actions(
+                buckets[bucket_id] = _steer_actions(
                     backend, binding.tunnel_key, f"resubmit(,{config.gateway_commit_table})")
             else:
-                buckets[ids.bucket_ids[backend.key]] = _bucket_actions(
+                buckets[bucket_id] = _bucket_actions(
                     backend, binding.tunnel_key, snapshot.tables)
         groups.append((vip, GroupSpec(config.group_id_base + ids.vip_ids[vip.key],
                                       GROUP_FIELDS, buckets)))
@@ -536,20 +551,62 @@ def _plan_gateway(
         out.pending.extend(problems)
         return
 
-    out.roles.add(ROLE_GATEWAY)
+    out.roles.add(ROLE_GATEWAY if active_here else ROLE_STANDBY)
     for vip, group in groups:
         out.groups[group.group_id] = (group, vip.key)
         for dgp_key in dgp_keys:
             out.add_flow(_gateway_flow(valid, vip, dgp_key, router_dp, group,
                                        snapshot.tables, config), vip.key)
         if valid.affinity:
-            _plan_affinity(valid, vip, ids, router_dp, group, rp_keys, snapshot.tables,
-                           config, out)
+            _plan_affinity(valid, vip, ids, router_dp, group, rp_keys,
+                           _gateway_members(valid, vip, ids, sb), snapshot.tables, config, out)
+
+
+def _gateway_members(
+    valid: ValidLb, vip: ValidVip, ids: _Ids, sb: SbView
+) -> list[tuple[int, ValidBackend]]:
+    """(bucket id, backend) of the VIP's gateway group.
+
+    From the NB writer's `active` set when there is one: it changes only after the
+    backends' chassis had a second to install the set before it, so gateways never
+    steer a flow somewhere before the second chance for it exists. Before the
+    writer's first pass, from the VIP's backends less the drained ones.
+    """
+    active = ids.active.get(vip.key)
+    if active is None:
+        return [(ids.bucket_ids[b.key], b) for b in vip.backends if b.key not in ids.drained]
+    by_key = {b.key: b for b in vip.backends}
+    members = []
+    for key, (bucket_id, mac, lsp) in sorted(active.items()):
+        backend = by_key.get(key) or _stand_in(key, mac, lsp, valid, sb)
+        if backend is not None:
+            members.append((bucket_id, backend))
+    return members
+
+
+def _stand_in(key: str, mac: str, lsp: str, valid: ValidLb, sb: SbView) -> ValidBackend | None:
+    """A backend the NB no longer lists but the gateways still use (until phase 2).
+
+    Its router port is that of another backend on the same switch.
+    """
+    endpoint = parse_endpoint(key)
+    canonical_mac = parse_mac(mac)
+    binding = _binding(sb, lsp)
+    if isinstance(endpoint, str) or canonical_mac is None or binding is None:
+        return None
+    for vip in valid.vips:
+        for other in vip.backends:
+            if _datapath_key(sb, other.switch_uuid) == binding.datapath_key:
+                return ValidBackend(endpoint[0], endpoint[1], key, lsp, canonical_mac,
+                                    other.switch_uuid, other.router_port_name,
+                                    other.router_port_mac)
+    return None
 
 
 def _plan_affinity(
     valid: ValidLb, vip: ValidVip, ids: _Ids, router_dp: int, group: GroupSpec,
-    rp_keys: Mapping[str, int], tables: TableLayout, config: PlanConfig, out: _Candidate,
+    rp_keys: Mapping[str, int], members: list[tuple[int, ValidBackend]],
+    tables: TableLayout, config: PlanConfig, out: _Candidate,
 ) -> None:
     """Gateway affinity: a conntrack entry in our own zone remembers each flow's bucket.
 
@@ -561,15 +618,18 @@ def _plan_affinity(
     vip_part = (f"{l4},metadata={hex_int(router_dp)},{ip_prefix}_dst={ip_text(vip.ip)},"
                 f"tp_dst={dec_int(vip.port, 0xFFFF)}")
     zone = f"zone={dec_int(config.gateway_zone, 0xFFFF)}"
-    for backend in vip.backends:
-        bid = ids.bucket_ids[backend.key]
+    # Sticky: every backend still listed (drained ones too) and every group member.
+    sticky = {ids.bucket_ids[b.key]: b for b in vip.backends}
+    sticky.update(dict(members))
+    for bid, backend in sorted(sticky.items()):
+        if backend.router_port_name not in rp_keys:
+            continue
         forward = _bucket_actions(backend, rp_keys[backend.router_port_name], tables)
         out.add_flow(FlowSpec(
             config.gateway_sticky_table, 200,
             f"ct_state=+trk,ct_mark={hex_int(bid)},{vip_part}", forward,
             config.cookie_prefix), vip.key)
-        if backend.key in ids.drained:
-            continue
+    for bid, backend in members:   # the commit table serves exactly the group's buckets
         out.add_flow(FlowSpec(
             config.gateway_commit_table, 100,
             f"{vip_part},dl_dst={mac_text(backend.mac)}",

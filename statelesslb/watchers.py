@@ -32,6 +32,7 @@ NB_TABLES = (
     "Logical_Switch_Port",
     "Gateway_Chassis",
     "HA_Chassis_Group",
+    "HA_Chassis",
 )
 SB_TABLES = ("Chassis", "Datapath_Binding", "Port_Binding")
 OVS_TABLES = ("Open_vSwitch",)
@@ -144,6 +145,16 @@ def _opt(value):
     return value
 
 
+def _gateway_chassis_names(lrp_row) -> tuple[str, ...]:
+    names = [gc.chassis_name for gc in lrp_row.gateway_chassis]
+    for group in lrp_row.ha_chassis_group:
+        names.extend(ha.chassis_name for ha in group.ha_chassis)
+    redirect = lrp_row.options.get("redirect-chassis")
+    if redirect:
+        names.append(redirect)
+    return tuple(sorted(set(names)))
+
+
 def read_local_ovs(watcher: Watcher) -> dict[str, str]:
     with watcher.connection.lock:
         rows = watcher.rows("Open_vSwitch")
@@ -186,6 +197,7 @@ def read_nb(watcher: Watcher) -> model.NbView:
                     or row.ha_chassis_group
                     or row.options.get("redirect-chassis")
                 ),
+                gateway_chassis=_gateway_chassis_names(row),
             )
         switches = {
             str(row.uuid): model.NbSwitch(

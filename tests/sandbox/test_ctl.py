@@ -123,7 +123,8 @@ def test_lb_list_shows_status_and_roles_per_chassis(lab: Sandbox) -> None:
         assert lb["nb_status"] == "ok" and lb["state"] == "ok"
         assert lb["persistence"] == "second-chance"  # the default
         roles[chassis] = lb["roles"]
-    assert roles == {"gw1": ["gateway"], "gw2": [], "hv1": ["backend"], "hv2": ["backend"]}
+    assert roles == {"gw1": ["gateway"], "gw2": ["standby-gateway"], "hv1": ["backend"],
+                     "hv2": ["backend"]}
     text = ctl("lb-list", *sock(lab, "gw1")).stdout
     assert text.splitlines()[1].split() == [LB, "mac", "tcp", "second-chance", VIP, "ok",
                                              "ok", "gateway"]
@@ -293,8 +294,13 @@ def test_trace_elsewhere_says_where_the_gateway_is(lab: Sandbox) -> None:
         assert run.returncode == 1
         assert f"{chassis} is not an active gateway of lb1" in run.stderr
         assert "cr-lr0-public is on gw1" in run.stderr
+    # gw2 is a standby gateway: its groups are ready, and it says it is a standby.
     doc = ctl("groups", LB, "--format", "json", *sock(lab, "gw2")).json()
-    assert doc["groups"] == [] and "cr-lr0-public is on gw1" in doc["notes"][0]
+    assert doc["groups"] and "cr-lr0-public is on gw1" in doc["notes"][0]
+    assert "standby" in doc["notes"][0]
+    doc = ctl("groups", LB, "--format", "json", *sock(lab, "hv1")).json()
+    assert [g for g in doc["groups"] if g["kind"] == "gateway"] == []
+    assert "cr-lr0-public is on gw1" in doc["notes"][0]
 
 
 def test_errors_say_what_to_do(lab: Sandbox, tmp_path) -> None:

@@ -155,9 +155,13 @@ class Topo:
         return Snapshot(self.nb(), self.sb(), chassis, TABLES)
 
     def assign_ids(self) -> None:
-        """Play the NB writer until it has nothing left to write."""
-        for _ in range(3):
-            changes = reconcile_nb(self.load_balancers.values(), self.nb())
+        """Play the NB writer until it has nothing left to write.
+
+        Its clock moves on by 10 s a pass, past the settle time of phase 2.
+        """
+        for step in range(5):
+            self.clock = getattr(self, "clock", 1000.0) + 10.0 * (step + 1)
+            changes = reconcile_nb(self.load_balancers.values(), self.nb(), now=self.clock)
             if not changes:
                 return
             for uuid, delta in changes.items():

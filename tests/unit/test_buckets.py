@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from statelesslb.buckets import (
     MAX_BUCKET_ID,
+    SETTLE_SECONDS,
     IdSpaceExhausted,
     allocate_ids,
     dump_drain,
@@ -16,6 +17,7 @@ from statelesslb.buckets import (
     parse_drain_checked,
     parse_id_map,
     reconcile_nb,
+    settling,
 )
 from statelesslb.model import (
     EXT_ACTIVE,
@@ -285,12 +287,20 @@ def test_drained_backends_keep_their_ids_and_drain_problems_are_reported():
     assert changes["uuid-lb-lb0"][EXT_STATUS] == (
         "ok (statelesslb:drain is not a JSON list of IP:port strings; bad entries ignored; "
         "statelesslb:drain names 10.0.0.77:1: not a backend)")
-    # The drained backend leaves the gateways' set; the set before is kept, stamped.
-    assert json.loads(changes["uuid-lb-lb0"][EXT_ACTIVE]) == {
-        "172.16.0.100:80": {"10.0.0.12:8080": [2, "50:54:00:00:00:02", "vm2"]}}
+    # Phase 1: the gateways' current set is published as "previous", stamped; the
+    # gateways' "active" set does not change yet.
+    assert EXT_ACTIVE not in changes["uuid-lb-lb0"]
     previous = json.loads(changes["uuid-lb-lb0"][EXT_PREVIOUS])
     assert previous["since"] == 1000.0
     assert set(previous["vips"]["172.16.0.100:80"]) == {"10.0.0.11:8080", "10.0.0.12:8080"}
+    apply(topo, changes)
+    # Before the settle time nothing more; after it, phase 2 moves the gateways.
+    assert reconcile_nb(topo.load_balancers.values(), topo.nb(), now=1000.5) == {}
+    assert settling(topo.lb("lb0"), 1000.5) == 1000.0 + SETTLE_SECONDS
+    later = reconcile_nb(topo.load_balancers.values(), topo.nb(), now=1000.0 + SETTLE_SECONDS)
+    assert json.loads(later["uuid-lb-lb0"][EXT_ACTIVE]) == {
+        "172.16.0.100:80": {"10.0.0.12:8080": [2, "50:54:00:00:00:02", "vm2"]}}
+    assert EXT_PREVIOUS not in later["uuid-lb-lb0"]
     assert EXT_BUCKETS not in changes["uuid-lb-lb0"]
     assert topo.lb("lb0").external_ids[EXT_BUCKETS] == before
 

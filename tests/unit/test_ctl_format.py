@@ -13,7 +13,7 @@ import pytest
 
 from statelesslb import ctl, ctlserver
 from statelesslb.diff import state_after
-from statelesslb.model import EXT_DRAIN, PERSISTENCE_OPTION
+from statelesslb.model import EXT_DRAIN, EXT_PREVIOUS, PERSISTENCE_OPTION
 from statelesslb.openflow import parse_groups
 from statelesslb.planner import GROUP_FIELDS, PlanConfig, plan
 from statelesslb.predict import FlowTuple, bucket_scores
@@ -576,8 +576,12 @@ def test_drain_key_name() -> None:
 # -- persistence layers -------------------------------------------------------------
 
 
-def second_chance_state(chassis: str, now: float = 10.0):
-    """basic_topo with second chance, after vm2's backend was drained at time 0."""
+def second_chance_state(chassis: str, after: float = 10.0):
+    """basic_topo with second chance, `after` seconds after vm2's backend was drained.
+
+    Returns (snapshot, plan, since): since is when the NB writer published the
+    previous set (its clock, see factories.Topo.assign_ids).
+    """
     topo = basic_topo()
     lb = topo.lb("lb0")
     topo.update_lb("lb0", options={**lb.options, PERSISTENCE_OPTION: "second-chance"})
@@ -585,26 +589,27 @@ def second_chance_state(chassis: str, now: float = 10.0):
     lb = topo.lb("lb0")
     topo.update_lb("lb0", external_ids={**lb.external_ids, EXT_DRAIN: '["10.0.0.12:8080"]'})
     topo.assign_ids()
+    since = json.loads(topo.lb("lb0").external_ids[EXT_PREVIOUS])["since"]
     snapshot = topo.snapshot(chassis)
-    return snapshot, plan(snapshot, CONFIG, now=now)
+    return snapshot, plan(snapshot, CONFIG, now=since + after), since
 
 
 def test_lb_show_reports_the_previous_bucket_set() -> None:
-    snapshot, the_plan = second_chance_state("gw1")
+    snapshot, the_plan, since = second_chance_state("gw1")
     doc = ctlserver.lb_show_doc(snapshot, the_plan, CONFIG, "lb0")
     assert doc["persistence"] == {"affinity": False, "second_chance": True, "window": 240}
-    assert doc["previous"] == {"since": 0.0, "until": 240.0, "vips": {
+    assert doc["previous"] == {"since": since, "until": since + 240.0, "vips": {
         "172.16.0.100:80": ["10.0.0.11:8080", "10.0.0.12:8080"]}}
     assert doc["drain"] == ["10.0.0.12:8080"]
     assert [b["in_group"] for b in doc["vips"][0]["backends"]] == [True, False]
-    text = ctl.render_lb_show(doc, now=100.0)
+    text = ctl.render_lb_show(doc, now=since + 100.0)
     assert ("  persistence:   second-chance (window 240s); previous bucket set in force for "
             "140s more") in text
-    assert "previous bucket set expired" in ctl.render_lb_show(doc, now=300.0)
+    assert "previous bucket set expired" in ctl.render_lb_show(doc, now=since + 300.0)
 
 
 def test_groups_document_names_previous_set_groups() -> None:
-    snapshot, the_plan = second_chance_state("hv1")
+    snapshot, the_plan, _since = second_chance_state("hv1")
     installed = state_after(the_plan).groups
     (gid,) = installed
     assert gid == CONFIG.previous_group_base + 1
