@@ -294,8 +294,9 @@ def _desired_ids(
         return desired
     old = parse_active(stored_active)
     previous = parse_previous(ext.get(EXT_PREVIOUS))
-    if not old:
-        desired[EXT_ACTIVE] = active_text            # first time: nothing to protect
+    if not old or not valid.second_chance:
+        # First time, or no second chance to prepare: the gateways move at once.
+        desired[EXT_ACTIVE] = active_text
     elif previous is None or previous[1] != old:
         # Phase 1: publish the gateways' current set as "previous" and leave "active"
         # alone, so every backend chassis installs it before any gateway changes.

@@ -18,7 +18,7 @@ unixctl_path = {ctl}
 
 [ovn]
 ovn_nb_connection = {nb}
-
+{ovn_extra}
 [ovs]
 ovsdb_connection = {ovs_db}
 ofctl_target = {br_int}
@@ -35,14 +35,20 @@ def agent_argv(config_file: str) -> list[str]:
 
 
 def start_agent(sandbox: Sandbox, chassis: Chassis, debug: bool = True,
-                resync: float = 30.0, extra_config: str = "") -> dict:
+                resync: float = 30.0, extra_config: str = "",
+                ovn: dict[str, str] | None = None) -> dict:
+    """Start the agent of `chassis`; `ovn` overrides [ovn] options (e.g. SSL remotes)."""
     rundir = chassis.rundir
     conf_path = rundir / "statelesslb.conf"
     log = rundir / "statelesslb-agent.log"
     ctl = rundir / "slb.ctl"
+    ovn = dict(ovn or {})
+    nb = ovn.pop("ovn_nb_connection", sandbox.nb)
+    ovn_extra = "".join(f"{key} = {value}\n" for key, value in sorted(ovn.items()))
     conf_path.write_text(CONFIG_TEMPLATE.format(
-        debug=str(debug).lower(), log=log, ctl=ctl, nb=sandbox.nb, ovs_db=chassis.ovs_db,
-        br_int=chassis.br_int, rundir=rundir, resync=resync) + extra_config)
+        debug=str(debug).lower(), log=log, ctl=ctl, nb=nb, ovn_extra=ovn_extra,
+        ovs_db=chassis.ovs_db, br_int=chassis.br_int, rundir=rundir,
+        resync=resync) + extra_config)
     if ctl.exists():
         ctl.unlink()   # left by an agent that was killed: `ready` must see the new one
     env = dict(chassis.env)

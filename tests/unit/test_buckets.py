@@ -26,6 +26,7 @@ from statelesslb.model import (
     EXT_PREVIOUS,
     EXT_STATUS,
     EXT_VIP_IDS,
+    PERSISTENCE_OPTION,
 )
 
 from .factories import basic_topo
@@ -278,6 +279,8 @@ def test_unmarked_lb_loses_the_writer_keys_but_keeps_the_drain_list():
 
 def test_drained_backends_keep_their_ids_and_drain_problems_are_reported():
     topo = basic_topo()
+    lb = topo.lb("lb0")
+    topo.update_lb("lb0", options={**lb.options, PERSISTENCE_OPTION: "second-chance"})
     apply(topo, reconcile_nb(topo.load_balancers.values(), topo.nb()))
     before = topo.lb("lb0").external_ids[EXT_BUCKETS]
     ext = dict(topo.lb("lb0").external_ids)

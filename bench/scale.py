@@ -1,0 +1,144 @@
+"""Issue 7 scale figures: many stateless LBs on one gateway, against OVN's native LBs.
+
+One gateway and one hypervisor with 16 VMs. For each size N (default 10, 100,
+1000) it creates N LBs of 16 backends, stateless, and measures:
+- the first full install: NB commit of the whole batch -> all N groups on gw1;
+- one backend change: NB commit -> the bucket gone from that LB's group on gw1
+  (median of 5), i.e. whether a change costs more with more LBs;
+- the gw1 agent's CPU seconds and resident memory;
+then the same N as OVN native LBs: NB commit -> ovn-controller on gw1 has
+installed all N native groups (its CPU time too).
+
+    .venv/bin/python bench/scale.py [--sizes 10,100,1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from statelesslb.sandbox import Sandbox, build_lb_topology
+from statelesslb.sandbox import agents as sandbox_agents
+from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.traffic import GROUP_BASE, lb_ids, our_groups
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def group_count(chassis, low: int, high: int) -> int:
+    ids = [int(m) for m in re.findall(r"group_id=(\d+),", chassis.ofctl("dump-group-stats"))]
+    return sum(1 for i in ids if low <= i <= high)
+
+
+def create(sb, prefix: str, n: int, backends: list[str], stateless: bool, subnet: int):
+    batch: list[str] = []
+    for i in range(n):
+        name = f"{prefix}{i}"
+        vip = f"172.{subnet}.{i // 250}.{1 + i % 250}:80"
+        batch += ["--", "lb-add", name, vip, ",".join(backends), "tcp",
+                  "--", "lr-lb-add", "lr0", name]
+        if stateless:
+            batch += ["--", "set", "load_balancer", name, "options:stateless_mode=mac",
+                      "options:stateless_persistence=hash"]
+        if len(batch) > 3000 or i == n - 1:
+            sb.nbctl(*batch[1:], timeout=300)
+            batch = []
+
+
+def delete(sb, prefix: str, n: int) -> None:
+    names = [f"{prefix}{i}" for i in range(n)]
+    for start in range(0, n, 200):
+        cmd: list[str] = []
+        for name in names[start:start + 200]:
+            cmd += ["--", "lb-del", name]
+        sb.nbctl(*cmd[1:], timeout=300)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="10,100,1000")
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    run_dir = Path(tempfile.mkdtemp(prefix="slb-bench-", dir="/tmp"))
+    sb = Sandbox(run_dir, gateways=1, hypervisors=1)
+    try:
+        sb.up()
+        topo = build_lb_topology(sb, vms=16)
+        sandbox_agents.start_agents(sb, debug=False, resync=3600.0)
+        sandbox_agents.wait_agents_ready(sb)
+        gw = sb.chassis["gw1"]
+        agent = sb.agents["gw1"]["pid"]
+        controller = sb.processes["gw1/ovn-controller"].pid
+        backends = [f"{vm.ip}:8080" for vm in topo.vms]
+        print(f"{'LBs':>6} {'install s':>10} {'change ms':>10} {'agent CPU s':>12} "
+              f"{'agent RSS MiB':>14} | {'native install s':>17} {'ovn-controller CPU s':>21}")
+        for n in sizes:
+            # -- stateless ------------------------------------------------------
+            cpu0 = cpu(agent)
+            start = time.monotonic()
+            create(sb, "s", n, backends, True, 20)
+            wait_until(lambda n=n: group_count(gw, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF) >= n,
+                       900, 0.2, f"{n} stateless groups on gw1")
+            install = time.monotonic() - start
+            changes = []
+            for k in range(5):
+                name = f"s{(k * 7) % n}"
+                vip_ids, _ids = lb_ids(sb, name)
+                gid = GROUP_BASE + next(iter(vip_ids.values()))
+                members = backends[:15] if k % 2 == 0 else backends
+                vip = next(iter(vip_ids))
+                count = len(members)
+                t0 = time.monotonic()
+                sb.nbctl("set", "load_balancer", name, f'vips:"{vip}"="{",".join(members)}"')
+                wait_until(lambda g=gid, w=count: len(
+                    our_groups(gw, known=(g,)).get(g).buckets) == w, 120, 0.005,
+                    "the change on gw1")
+                changes.append(time.monotonic() - t0)
+            time.sleep(1)
+            used = cpu(agent) - cpu0
+            rss = rss_mib(agent)
+            delete(sb, "s", n)
+            wait_until(lambda: group_count(gw, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF) == 0,
+                       900, 0.2, "stateless groups removed")
+            # -- native ----------------------------------------------------------
+            cpu1 = cpu(controller)
+            start = time.monotonic()
+            create(sb, "n", n, backends, False, 21)
+            wait_until(lambda n=n: group_count(gw, 1, GROUP_BASE - 1) >= n, 900, 0.2,
+                       f"{n} native groups on gw1")
+            native = time.monotonic() - start
+            native_cpu = cpu(controller) - cpu1
+            delete(sb, "n", n)
+            wait_until(lambda: group_count(gw, 1, GROUP_BASE - 1) == 0, 900, 0.2,
+                       "native groups removed")
+            print(f"{n:>6} {install:>10.2f} {statistics.median(changes) * 1000:>10.0f} "
+                  f"{used:>12.2f} {rss:>14.1f} | {native:>17.2f} {native_cpu:>21.2f}",
+                  flush=True)
+        print("\ninstall: NB commit of all N LBs -> N groups on gw1; change: one backend of "
+              "one LB removed or re-added -> gw1's group shows it (median of 5); "
+              "persistence=hash, so no two-phase settle second")
+    finally:
+        sb.down()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
