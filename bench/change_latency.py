@@ -13,34 +13,13 @@ Runs a real sandbox (2 gateways, 2 hypervisors, 8 VMs) with agents, then
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from statelesslb.sandbox import Sandbox, build_lb_topology
-from statelesslb.sandbox import agents as sandbox_agents
+from common import cpu_seconds, pct, rss_mib, running_sandbox
+
 from statelesslb.sandbox.core import wait_until
 from statelesslb.sandbox.traffic import create_lb, lb_ids, our_groups, wait_lb_ready
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    import os
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def main() -> None:
@@ -48,13 +27,7 @@ def main() -> None:
     ap.add_argument("--changes", type=int, default=50)
     ap.add_argument("--lbs", type=int, default=100)
     args = ap.parse_args()
-    run_dir = Path(tempfile.mkdtemp(prefix="slb-bench-", dir="/tmp"))
-    sb = Sandbox(run_dir, gateways=2, hypervisors=2)
-    try:
-        sb.up()
-        topo = build_lb_topology(sb, vms=8)
-        sandbox_agents.start_agents(sb, debug=False)
-        sandbox_agents.wait_agents_ready(sb)
+    with running_sandbox(vms=8) as (sb, topo):
         gw = sb.chassis["gw1"]
         backends = [f"{vm.ip}:8080" for vm in topo.vms]
 
@@ -79,7 +52,7 @@ def main() -> None:
         print(f"  bucket ids after all changes: {buckets}")
 
         pids = {name: info["pid"] for name, info in sb.agents.items()}
-        before = {name: rss_kib(pid) for name, pid in pids.items()}
+        before = {name: rss_mib(pid) for name, pid in pids.items()}
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         start = time.monotonic()
         for n in range(args.lbs):
@@ -95,11 +68,8 @@ def main() -> None:
               f"with ovn-nbctl and installed on gw1 in {install:.1f} s")
         print("agent resident memory (VmRSS) and CPU used during that install:")
         for name, pid in pids.items():
-            print(f"  {name}: {before[name] / 1024:.1f} MiB -> {rss_kib(pid) / 1024:.1f} MiB, "
+            print(f"  {name}: {before[name]:.1f} MiB -> {rss_mib(pid):.1f} MiB, "
                   f"CPU {cpu_seconds(pid) - cpu_before[name]:.2f} s")
-    finally:
-        sb.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

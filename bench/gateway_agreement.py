@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import random
 import re
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import ovs.unixctl.client
+from common import running_sandbox
 
 from statelesslb.planner import GROUP_FIELDS
 from statelesslb.predict import FlowTuple, predict_bucket
-from statelesslb.sandbox import Sandbox, build_lb_topology
+from statelesslb.sandbox import Sandbox
 from statelesslb.sandbox import agents as sandbox_agents
 from statelesslb.sandbox.core import wait_until
 from statelesslb.sandbox.topology import add_second_dgp
@@ -60,14 +58,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tuples", type=int, default=10000)
     args = ap.parse_args()
-    run_dir = Path(tempfile.mkdtemp(prefix="slb-bench-", dir="/tmp"))
-    sb = Sandbox(run_dir, gateways=2, hypervisors=2)
-    try:
-        sb.up()
-        topo = build_lb_topology(sb, vms=8)
+    with running_sandbox(vms=8) as (sb, topo):
         dgp2 = add_second_dgp(sb, topo)
-        sandbox_agents.start_agents(sb, debug=False)
-        sandbox_agents.wait_agents_ready(sb)
         backends = [f"{vm.ip}:8080" for vm in topo.vms]
         create_lb(sb, "lb1", f"{VIP}:80", backends)
         gid = wait_lb_ready(sb, "lb1", f"{VIP}:80", 8)
@@ -121,9 +113,6 @@ def main() -> None:
                          for a, b in zip(on["gw1"], after, strict=True))
         print(f"  removing 1 of 8 backends moved {moved}/{n} tuples "
               f"({100.0 * moved / n:.2f}%); {needed} were on it; collateral {collateral}")
-    finally:
-        sb.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

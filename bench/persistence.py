@@ -16,13 +16,11 @@ entries and its datapath flows.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
-from statelesslb.sandbox import Sandbox, build_lb_topology
-from statelesslb.sandbox import agents as sandbox_agents
+from common import running_sandbox
+
+from statelesslb.sandbox import Sandbox
 from statelesslb.sandbox import packets as P
 from statelesslb.sandbox.core import CLIENT_PORT, wait_until
 from statelesslb.sandbox.topology import add_second_dgp, wait_bound
@@ -274,15 +272,9 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=100)
     ap.add_argument("--cost", type=int, default=1000)
     args = ap.parse_args()
-    run_dir = Path(tempfile.mkdtemp(prefix="slb-bench-", dir="/tmp"))
-    sb = Sandbox(run_dir, gateways=2, hypervisors=2)
     t0 = time.monotonic()
-    try:
-        sb.up()
-        topo = build_lb_topology(sb, vms=4)
+    with running_sandbox(vms=4) as (sb, topo):
         dgp2 = add_second_dgp(sb, topo)
-        sandbox_agents.start_agents(sb, debug=False)
-        sandbox_agents.wait_agents_ready(sb)
         b = Bench(sb, topo, dgp2, args.conns)
         b.create_lbs()
         print(f"sandbox: 2 gateways (lr0-public on gw1, lr0-public2 on gw2), 2 hypervisors, "
@@ -296,9 +288,6 @@ def main() -> None:
               "hash differs per chassis and about (N-1)/N of native connections re-pick a "
               "different backend (REFERENCE.md section 2).")
         print(f"\ntotal {time.monotonic() - t0:.0f} s")
-    finally:
-        sb.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,32 +15,14 @@ installed all N native groups (its CPU time too).
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from statelesslb.sandbox import Sandbox, build_lb_topology
-from statelesslb.sandbox import agents as sandbox_agents
+from common import cpu_seconds, rss_mib, running_sandbox
+
 from statelesslb.sandbox.core import wait_until
 from statelesslb.sandbox.traffic import GROUP_BASE, lb_ids, our_groups
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def group_count(chassis, low: int, high: int) -> int:
@@ -77,13 +59,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,100,1000")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
-    run_dir = Path(tempfile.mkdtemp(prefix="slb-bench-", dir="/tmp"))
-    sb = Sandbox(run_dir, gateways=1, hypervisors=1)
-    try:
-        sb.up()
-        topo = build_lb_topology(sb, vms=16)
-        sandbox_agents.start_agents(sb, debug=False, resync=3600.0)
-        sandbox_agents.wait_agents_ready(sb)
+    with running_sandbox(gateways=1, hypervisors=1, vms=16, resync=3600.0) as (sb, topo):
         gw = sb.chassis["gw1"]
         agent = sb.agents["gw1"]["pid"]
         controller = sb.processes["gw1/ovn-controller"].pid
@@ -92,7 +68,7 @@ def main() -> None:
               f"{'agent RSS MiB':>14} | {'native install s':>17} {'ovn-controller CPU s':>21}")
         for n in sizes:
             # -- stateless ------------------------------------------------------
-            cpu0 = cpu(agent)
+            cpu0 = cpu_seconds(agent)
             start = time.monotonic()
             create(sb, "s", n, backends, True, 20)
             wait_until(lambda n=n: group_count(gw, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF) >= n,
@@ -113,19 +89,19 @@ def main() -> None:
                     "the change on gw1")
                 changes.append(time.monotonic() - t0)
             time.sleep(1)
-            used = cpu(agent) - cpu0
+            used = cpu_seconds(agent) - cpu0
             rss = rss_mib(agent)
             delete(sb, "s", n)
             wait_until(lambda: group_count(gw, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF) == 0,
                        900, 0.2, "stateless groups removed")
             # -- native ----------------------------------------------------------
-            cpu1 = cpu(controller)
+            cpu1 = cpu_seconds(controller)
             start = time.monotonic()
             create(sb, "n", n, backends, False, 21)
             wait_until(lambda n=n: group_count(gw, 1, GROUP_BASE - 1) >= n, 900, 0.2,
                        f"{n} native groups on gw1")
             native = time.monotonic() - start
-            native_cpu = cpu(controller) - cpu1
+            native_cpu = cpu_seconds(controller) - cpu1
             delete(sb, "n", n)
             wait_until(lambda: group_count(gw, 1, GROUP_BASE - 1) == 0, 900, 0.2,
                        "native groups removed")
@@ -135,9 +111,6 @@ def main() -> None:
         print("\ninstall: NB commit of all N LBs -> N groups on gw1; change: one backend of "
               "one LB removed or re-added -> gw1's group shows it (median of 5); "
               "persistence=hash, so no two-phase settle second")
-    finally:
-        sb.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -265,3 +265,19 @@ def midstream(sb: Sandbox, topo: Topology, vip: str, conns: list[Conn], tag: byt
 
 def broken(conns: list[Conn], arrivals: dict[tuple[str, int], list[str]]) -> list[Conn]:
     return [c for c in conns if arrivals.get((c.src_ip, c.sport)) != [c.vm]]
+
+
+def reply_from(sb: Sandbox, topo: Topology, arrival: Arrival, sport: int,
+               backend_port: int = 8080, timeout: float = 3.0):
+    """The VM answers the SYN that arrived with a SYN-ACK; returns it as the client got it."""
+    seen = len(sb.client_received())
+    vm = arrival.vm
+    sb.chassis[vm.chassis].inject(vm.name, P.tcp_synack(
+        vm.mac, topo.router_port_mac, vm.ip, topo.client_ip, backend_port, sport))
+
+    def received():
+        for pkt in sb.client_received()[seen:]:
+            if P.is_tcp(pkt, "SA", dport=sport):
+                return pkt
+        return None
+    return wait_until(received, timeout, 0.02, "the SYN-ACK at the client")

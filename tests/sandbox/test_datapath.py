@@ -21,6 +21,7 @@ from statelesslb.sandbox.traffic import (
     our_flows,
     our_groups,
     ovn_state,
+    reply_from,
     send_syn,
     wait_group,
     wait_lb_ready,
@@ -86,17 +87,7 @@ def test_reply_leaves_from_the_vip(sandbox, topo, lb1):
     send_syn(sandbox, topo, VIP, sport)
     arrival = find_arrival(sandbox, topo, topo.client_ip, sport)
     assert arrival is not None
-    seen = len(sandbox.client_received())
-    vm = arrival.vm
-    sandbox.chassis[vm.chassis].inject(vm.name, P.tcp_synack(
-        vm.mac, topo.router_port_mac, vm.ip, topo.client_ip, 8080, sport))
-
-    def reply():
-        for pkt in sandbox.client_received()[seen:]:
-            if P.is_tcp(pkt, "SA", dport=sport):
-                return pkt
-        return None
-    pkt = wait_until(reply, 3, 0.02, "the SYN-ACK at the client")
+    pkt = reply_from(sandbox, topo, arrival, sport)
     assert P.ip(pkt).src == VIP and P.l4(pkt).sport == 80
     assert pkt.src == topo.dgp_mac and pkt.dst == topo.client_mac
     assert conntrack_lines(sandbox.chassis["gw1"], f"sport={sport}") == []
