@@ -32,12 +32,15 @@ from statelesslb.ofstrings import is_plain_int
 from statelesslb.validate import (
     LbError,
     TopologyIndex,
+    ValidationMemo,
     canonical_endpoint_key,
     index_topology,
     is_marked,
     show,
-    validate_lb,
 )
+
+# The writer sees every marked LB on every change: validate each one only when it changed.
+_VALIDATION = ValidationMemo()
 
 MAX_BUCKET_ID = 0xFFFFFF00   # OFPG15_BUCKET_MAX
 MAX_VIP_ID = 0x0FFFFFFF      # keeps group_id_base + id below OFPG_MAX
@@ -250,7 +253,7 @@ def _desired_ids(
     now: float,
 ) -> dict[str, str | None]:
     ext = _external_ids(lb)
-    valid = validate_lb(lb, nb, index)
+    valid = _VALIDATION.validate(lb, nb, index)
     if isinstance(valid, LbError):
         return {EXT_STATUS: _error_status(valid.message)}
 

@@ -63,7 +63,9 @@ from statelesslb.validate import (
     is_marked,
     parse_endpoint,
     parse_mac,
+    parse_window,
     show,
+    topology_key,
     validate_lb,
 )
 
@@ -345,21 +347,19 @@ def plan(snapshot: Snapshot, config: PlanConfig | None = None, now: float = 0.0)
         lb for lb in rows
         if isinstance(lb, NbLoadBalancer) and isinstance(lb.uuid, str) and is_marked(lb)
     ]
+    memo = _MEMO.scope(snapshot, config)
     for lb in sorted(marked, key=lambda lb: (_text(lb.name), lb.uuid)):
         name = _text(lb.name)
-        valid = validate_lb(lb, nb, index)
-        if isinstance(valid, LbError):
-            statuses[lb.uuid] = LbPlanStatus(name, STATE_ERROR, valid.message)
+        planned = memo.get(lb, now)
+        if planned is None:
+            planned = _plan_lb(lb, nb, index, snapshot, config, now)
+            memo.put(lb, now, planned)
+        status, candidate, until = planned
+        if candidate is None:
+            statuses[lb.uuid] = status
             continue
-        ids = _read_ids(lb, valid, now)
-        if isinstance(ids, LbPlanStatus):
-            statuses[lb.uuid] = ids
-            continue
-        candidate = _Candidate()
-        _plan_gateway(valid, ids, snapshot, config, candidate)
-        _plan_backends(valid, ids, snapshot, config, candidate)
-        if ids.previous_until is not None:
-            expiries.append(ids.previous_until)
+        if until is not None:
+            expiries.append(until)
 
         owner = _Owner(name, lb.uuid)
         conflict = candidate.self_conflict or _find_conflict(
@@ -391,6 +391,87 @@ def plan(snapshot: Snapshot, config: PlanConfig | None = None, now: float = 0.0)
         sentinel_cookie=sentinel.cookie,
         expires_at=min(expiries) if expiries else None,
     )
+
+
+def _plan_lb(
+    lb: NbLoadBalancer, nb, index, snapshot: Snapshot, config: PlanConfig, now: float,
+) -> tuple[LbPlanStatus | None, _Candidate | None, float | None]:
+    """One LB on its own: (error status, None, None) or (None, candidate, window end)."""
+    name = _text(lb.name)
+    valid = validate_lb(lb, nb, index)
+    if isinstance(valid, LbError):
+        return LbPlanStatus(name, STATE_ERROR, valid.message), None, None
+    ids = _read_ids(lb, valid, now)
+    if isinstance(ids, LbPlanStatus):
+        return ids, None, None
+    candidate = _Candidate()
+    _plan_gateway(valid, ids, snapshot, config, candidate)
+    _plan_backends(valid, ids, snapshot, config, candidate)
+    return None, candidate, ids.previous_until
+
+
+class _Memo:
+    """Per-LB plans of the last calls, reused while nothing they depend on changed.
+
+    A backend change in one LB then costs one LB's planning, not all of them (the
+    agent plans from scratch on every change). The context (NB topology, SB
+    bindings, chassis, tables, config) is compared once per plan() call; an LB's
+    own key is its whole row; the time matters only through whether its
+    second-chance window is still open, which is part of the key. Values that
+    cannot be hashed (a fuzzer's) simply bypass the memo.
+    """
+
+    def __init__(self) -> None:
+        self._context: object = None
+        self._entries: dict[object, tuple] = {}
+
+    def scope(self, snapshot: Snapshot, config: PlanConfig) -> _Memo:
+        try:
+            context = (topology_key(snapshot.nb), _sb_key(snapshot.sb), snapshot.chassis,
+                       snapshot.tables, config)
+            hash(context)
+        except Exception:
+            context = None
+        if context is None or context != self._context:
+            self._context = context
+            self._entries = {}
+        return self
+
+    def _key(self, lb: NbLoadBalancer, now: float) -> object:
+        if self._context is None:
+            return None
+        try:
+            ext = lb.external_ids
+            previous = parse_previous(ext.get(EXT_PREVIOUS)) if isinstance(ext, Mapping) \
+                else None
+            window = parse_window(lb.options)
+            open_window = previous is not None and window is not None and \
+                now < previous[0] + window
+            key = (lb.uuid, lb.name, lb.protocol, frozenset(lb.vips.items()),
+                   frozenset(lb.options.items()), frozenset(ext.items()),
+                   frozenset(lb.ip_port_mappings.items()), open_window)
+            hash(key)
+            return key
+        except Exception:
+            return None
+
+    def get(self, lb: NbLoadBalancer, now: float):
+        key = self._key(lb, now)
+        return None if key is None else self._entries.get(key)
+
+    def put(self, lb: NbLoadBalancer, now: float, value: tuple) -> None:
+        key = self._key(lb, now)
+        if key is not None:
+            if len(self._entries) > 200_000:
+                self._entries.clear()
+            self._entries[key] = value
+
+
+def _sb_key(sb: SbView) -> object:
+    return (frozenset(sb.datapath_keys.items()), frozenset(sb.port_bindings.values()))
+
+
+_MEMO = _Memo()
 
 
 def _summary(reasons: list[str], shown: int = 5) -> str:

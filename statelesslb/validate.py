@@ -129,6 +129,58 @@ def parse_persistence(options: object) -> tuple[bool, bool, int]:
     return "affinity" in layers, "second-chance" in layers, int(raw_window)
 
 
+def topology_key(nb: NbView) -> object:
+    """Everything of the NB but the load balancers, as one hashable value."""
+    return (
+        frozenset((r.uuid, r.name, tuple(r.ports), tuple(r.load_balancers))
+                  for r in nb.routers.values()),
+        frozenset(nb.router_ports.values()),
+        frozenset((s.uuid, s.name, tuple(s.ports)) for s in nb.switches.values()),
+        frozenset((p.uuid, p.name, p.type, tuple(p.addresses), frozenset(p.options.items()))
+                  for p in nb.switch_ports.values()),
+    )
+
+
+class ValidationMemo:
+    """validate_lb results, reused while the topology and the LB's own row are unchanged.
+
+    The NB writer and the planner validate every marked LB on every change; with
+    this, a change to one LB re-validates that LB only. Unhashable (fuzzed) input
+    bypasses the memo.
+    """
+
+    def __init__(self) -> None:
+        self._topology: object = None
+        self._results: dict[object, ValidLb | LbError] = {}
+
+    def validate(self, lb: NbLoadBalancer, nb: NbView,
+                 index: TopologyIndex | None = None) -> ValidLb | LbError:
+        try:
+            topology = topology_key(nb)
+            key = (lb.uuid, lb.name, lb.protocol, frozenset(lb.vips.items()),
+                   frozenset(lb.options.items()), frozenset(lb.ip_port_mappings.items()))
+            hash((topology, key))
+        except Exception:
+            return validate_lb(lb, nb, index)
+        if topology != self._topology:
+            self._topology, self._results = topology, {}
+        result = self._results.get(key)
+        if result is None:
+            result = validate_lb(lb, nb, index)
+            if len(self._results) > 200_000:
+                self._results.clear()
+            self._results[key] = result
+        return result
+
+
+def parse_window(options: object) -> int | None:
+    """The second-chance window of an LB's options, or None when they are invalid."""
+    try:
+        return parse_persistence(options)[2]
+    except _Invalid:
+        return None
+
+
 class _Invalid(Exception):
     """Internal: carries an operator-readable reason out of nested checks."""
 
