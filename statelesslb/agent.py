@@ -204,6 +204,7 @@ class Agent:
             layout_stale = self._layout_stale
             self._full_resync = False
             self._layout_stale = False
+        nb_view = None
         if self.writer is not None:
             if self.nb.has_lock != self.status.nb_writer:
                 LOG.info("NB writer lock %s", "acquired: this agent writes bucket ids and "
@@ -211,8 +212,10 @@ class Agent:
             self.status.nb_writer = self.nb.has_lock
             if self.nb.has_lock:
                 nb_view = watchers.read_nb(self.nb)
-                self.writer.reconcile(nb_view)
+                changed = self.writer.reconcile(nb_view)
                 due = self.writer.next_due(nb_view)
+                if changed:
+                    nb_view = None   # we just changed it: plan from the new rows
                 if due is not None:
                     # A bucket change waits for the backends to hold the previous set.
                     self._schedule_at(due - time.time() + 0.05)
@@ -222,7 +225,7 @@ class Agent:
             self._schedule_retry(0.2)
             return
         snapshot = Snapshot(
-            nb=watchers.read_nb(self.nb),
+            nb=nb_view if nb_view is not None else watchers.read_nb(self.nb),
             sb=watchers.read_sb(self.sb),
             chassis=self.status.chassis,
             tables=self._layout,
@@ -251,7 +254,7 @@ class Agent:
                          len(lines), len(plan.flows), len(plan.groups))
                 for line in lines:
                     LOG.debug("  %s", line)
-            self._installed = diff.state_after(plan)
+            self._installed = diff.state_after(plan, self._installed)
             self._known_groups = set(plan.groups)
             self.status.flows_installed = len(self._installed.flows)
             self.status.groups_installed = len(self._installed.groups)

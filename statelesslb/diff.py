@@ -55,6 +55,8 @@ def diff_lines(plan: Plan, installed: InstalledState) -> list[str]:
     for cookie in sorted(installed.flows - plan.flows.keys()):
         lines.append(f"flow delete cookie={cookie:#x}/-1")
     for gid, group in sorted(plan.groups.items()):
+        if installed.specs.get(gid) is group:
+            continue   # the same planned object we installed last time: unchanged
         have = installed.groups.get(gid)
         if have is None:
             lines.extend(group.add_lines())
@@ -68,12 +70,15 @@ def diff_lines(plan: Plan, installed: InstalledState) -> list[str]:
     return lines
 
 
-def state_after(plan: Plan) -> InstalledState:
-    """What the bridge holds once a bundle built by diff_lines() has committed."""
-    return InstalledState(
-        flows=set(plan.flows),
-        groups={
-            gid: InstalledGroup(gid, group_header(g), want_buckets(g))
-            for gid, g in plan.groups.items()
-        },
-    )
+def state_after(plan: Plan, before: InstalledState | None = None) -> InstalledState:
+    """What the bridge holds once a bundle built by diff_lines() has committed.
+
+    Groups planned by the very same object as in `before` keep their rendering.
+    """
+    groups = {}
+    for gid, g in plan.groups.items():
+        if before is not None and before.specs.get(gid) is g and gid in before.groups:
+            groups[gid] = before.groups[gid]
+        else:
+            groups[gid] = InstalledGroup(gid, group_header(g), want_buckets(g))
+    return InstalledState(flows=set(plan.flows), groups=groups, specs=dict(plan.groups))

@@ -40,6 +40,9 @@ class InstalledGroup:
 class InstalledState:
     flows: set[int]                    # cookies of our flows
     groups: dict[int, InstalledGroup]  # our groups by id
+    # The planned group each installed group was made from, when we installed it:
+    # an unchanged plan hands back the very same object, so diffing it is free.
+    specs: dict[int, object] = field(default_factory=dict)
 
 
 def parse_flow_cookies(dump: str) -> set[int]:

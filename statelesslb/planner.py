@@ -17,6 +17,7 @@ Roles of a chassis for one LB:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -442,11 +443,9 @@ class _Memo:
             return None
         try:
             ext = lb.external_ids
-            previous = parse_previous(ext.get(EXT_PREVIOUS)) if isinstance(ext, Mapping) \
-                else None
+            since = _previous_since(ext.get(EXT_PREVIOUS))
             window = parse_window(lb.options)
-            open_window = previous is not None and window is not None and \
-                now < previous[0] + window
+            open_window = since is not None and window is not None and now < since + window
             key = (lb.uuid, lb.name, lb.protocol, frozenset(lb.vips.items()),
                    frozenset(lb.options.items()), frozenset(ext.items()),
                    frozenset(lb.ip_port_mappings.items()), open_window)
@@ -465,6 +464,13 @@ class _Memo:
             if len(self._entries) > 200_000:
                 self._entries.clear()
             self._entries[key] = value
+
+
+@functools.lru_cache(maxsize=65536)
+def _previous_since(text: object) -> float | None:
+    """When `statelesslb:previous` was published (parsed once per distinct text)."""
+    previous = parse_previous(text)
+    return previous[0] if previous is not None else None
 
 
 def _sb_key(sb: SbView) -> object:
