@@ -18,12 +18,9 @@ Stops its daemons by pid and removes the temp dir. Needs Open vSwitch installed.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,19 +29,10 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
-import ovs.unixctl.client
-
 from statelesslb.planner import BUCKET_WEIGHT, GROUP_FIELDS
 from statelesslb.predict import FlowTuple, bucket_scores, flow_basis, predict_bucket
-from statelesslb.sandbox.core import (
-    VSWITCHD_DIRS,
-    ProcessRecord,
-    _proc_stat,
-    ovs_daemon_argv,
-    wait_until,
-)
+from statelesslb.sandbox.switch import Switch, find_tools
 
-SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8]
 REMOVED = 5
 GID_FULL, GID_LESS = 1879048193, 1879048194
@@ -52,82 +40,19 @@ _SCORE = re.compile(r"-> bucket (\d+): score (\d+)")
 _USING = re.compile(r"-> using bucket (\d+)")
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name) or next(
-        (f"{d}/{name}" for d in VSWITCHD_DIRS if os.access(f"{d}/{name}", os.X_OK)), None)
-    if not path:
-        sys.exit(f"{name} not found: install openvswitch-switch")
-    return path
+def install(sw: Switch, gid: int, reg0: int, buckets: Sequence[int]) -> None:
+    spec = ",".join(f"bucket=bucket_id:{b},weight:{BUCKET_WEIGHT},actions=resubmit(,{b})"
+                    for b in buckets)
+    sw.ofctl("add-group", f"group_id={gid},type=select,selection_method=hash,"
+                          f"{GROUP_FIELDS},{spec}")
+    sw.ofctl("add-flow", f"table=0,reg0={reg0},actions=group:{gid}")
 
 
-class Switch:
-    def __init__(self, rundir: Path):
-        self.dir = rundir
-        self.env = {**os.environ, **{v: str(rundir) for v in (
-            "OVS_RUNDIR", "OVS_LOGDIR", "OVS_DBDIR", "OVS_SYSCONFDIR")}}
-        self.procs: list[ProcessRecord] = []
-        self.client: ovs.unixctl.client.UnixctlClient | None = None
-
-    def run(self, *argv: str) -> str:
-        proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60,
-                              check=False)
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr}")
-        return proc.stdout
-
-    def _daemon(self, program: str, *args: str) -> None:
-        self.run(*ovs_daemon_argv(program, self.dir, *args))
-        pid = int((self.dir / f"{Path(program).name}.pid").read_text().split()[0])
-        stat = _proc_stat(pid)
-        self.procs.append(ProcessRecord(Path(program).name, pid, stat[1] if stat else None,
-                                        [program]))
-
-    def start(self) -> None:
-        db, sock = f"{self.dir}/conf.db", f"unix:{self.dir}/db.sock"
-        self.run(_tool("ovsdb-tool"), "create", db, SCHEMA)
-        self._daemon(_tool("ovsdb-server"), db, f"--remote=punix:{self.dir}/db.sock")
-        self.run(_tool("ovs-vsctl"), f"--db={sock}", "--no-wait", "init",
-                 "--", "add-br", "br0", "--", "set", "Bridge", "br0", "datapath_type=dummy",
-                 "--", "add-port", "br0", "p1",
-                 "--", "set", "Interface", "p1", "type=dummy", "ofport_request=1")
-        self._daemon(_tool("ovs-vswitchd"), sock, "--enable-dummy=system", "-vvconn:warn")
-        wait_until(lambda: os.path.exists(f"{self.dir}/br0.mgmt"), 10, 0.02, "br0.mgmt")
-        err, self.client = ovs.unixctl.client.UnixctlClient.create(
-            f"{self.dir}/ovs-vswitchd.ctl")
-        if err:
-            raise RuntimeError(f"unixctl: {os.strerror(err)}")
-
-    def stop(self) -> None:
-        if self.client is not None:
-            self.client.close()
-        for rec in self.procs:
-            rec.signal(signal.SIGTERM)
-        try:
-            wait_until(lambda: not any(r.alive() for r in self.procs), 5, 0.02, "exit")
-        except TimeoutError:
-            for rec in self.procs:
-                rec.signal(signal.SIGKILL)
-
-    def ofctl(self, *args: str) -> None:
-        self.run(_tool("ovs-ofctl"), "-O", "OpenFlow15", args[0], f"unix:{self.dir}/br0.mgmt",
-                 *args[1:])
-
-    def install(self, gid: int, reg0: int, buckets: Sequence[int]) -> None:
-        spec = ",".join(f"bucket=bucket_id:{b},weight:{BUCKET_WEIGHT},actions=resubmit(,{b})"
-                        for b in buckets)
-        self.ofctl("add-group", f"group_id={gid},type=select,selection_method=hash,"
-                                f"{GROUP_FIELDS},{spec}")
-        self.ofctl("add-flow", f"table=0,reg0={reg0},actions=group:{gid}")
-
-    def trace(self, reg0: int, pkt: FlowTuple) -> tuple[int | None, dict[int, int]]:
-        assert self.client is not None
-        err, error, text = self.client.transact(
-            "ofproto/trace", ["br0", f"reg0={reg0},in_port=1,{pkt.ovs_flow()}"])
-        if err or error is not None:
-            raise RuntimeError(f"trace {pkt.ovs_flow()}: {err or error}")
-        using = _USING.search(text)
-        return (int(using.group(1)) if using else None,
-                {int(b): int(s) for b, s in _SCORE.findall(text)})
+def trace(sw: Switch, reg0: int, pkt: FlowTuple) -> tuple[int | None, dict[int, int]]:
+    text = sw.trace(f"reg0={reg0},in_port=1,{pkt.ovs_flow()}")
+    using = _USING.search(text)
+    return (int(using.group(1)) if using else None,
+            {int(b): int(s) for b, s in _SCORE.findall(text)})
 
 
 def random_tuples(n: int, seed: int) -> list[FlowTuple]:
@@ -152,15 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     less = [b for b in BUCKETS if b != REMOVED]
 
     rundir = Path(tempfile.mkdtemp(prefix="slbp-", dir="/tmp"))
-    sw = Switch(rundir)
+    tools = find_tools()
+    if tools is None:
+        sys.exit("Open vSwitch not found: run scripts/setup")
+    sw = Switch(rundir, tools)
     try:
         t0 = time.perf_counter()
         sw.start()
-        sw.install(GID_FULL, 1, BUCKETS)
-        sw.install(GID_LESS, 2, less)
+        install(sw, GID_FULL, 1, BUCKETS)
+        install(sw, GID_LESS, 2, less)
         t1 = time.perf_counter()
-        ovs_full = [sw.trace(1, p) for p in tuples]
-        ovs_less = [sw.trace(2, p) for p in tuples]
+        ovs_full = [trace(sw, 1, p) for p in tuples]
+        ovs_less = [trace(sw, 2, p) for p in tuples]
         t2 = time.perf_counter()
     finally:
         sw.stop()
@@ -183,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     naive_moved = sum(BUCKETS[h % len(BUCKETS)] != less[h % len(less)] for h in basis)
     spread = Counter(o[0] for o in ovs_full)
 
-    print(f"OVS: {_tool('ovs-vswitchd')}, fields {GROUP_FIELDS}, weight {BUCKET_WEIGHT}")
+    print(f"OVS: {tools['ovs-vswitchd']}, fields {GROUP_FIELDS}, weight {BUCKET_WEIGHT}")
     print(f"tuples: {n} random (TCP/UDP x IPv4/IPv6), seed {args.seed}")
     print(f"traces: {2 * n} in {t2 - t1:.1f}s ({(t2 - t1) / (2 * n) * 1e3:.2f} ms each); "
           f"switch setup {t1 - t0:.1f}s; predictions {2 * n} in {t3 - t2:.1f}s")

@@ -13,8 +13,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,108 +23,13 @@ import pytest
 
 from statelesslb.planner import BUCKET_WEIGHT, GROUP_FIELDS
 from statelesslb.predict import FlowTuple, bucket_hash16, bucket_scores, flow_basis, predict_bucket
-from statelesslb.sandbox.core import (
-    VSWITCHD_DIRS,
-    ProcessRecord,
-    _proc_stat,
-    ovs_daemon_argv,
-    wait_until,
-)
+from statelesslb.sandbox.switch import Switch, find_tools
 
 pytestmark = pytest.mark.sandbox
 
 OUT_PORT = 2
 BUCKET_IDS = [1, 2, 3, 7, 10]
 N_RANDOM = 300
-
-
-# --- a standalone switch ---------------------------------------------------------------
-
-
-def _find_tools() -> dict[str, str] | None:
-    tools = {t: shutil.which(t) for t in ("ovsdb-tool", "ovsdb-server", "ovs-vsctl",
-                                          "ovs-ofctl", "ovs-appctl")}
-    tools["ovs-vswitchd"] = os.environ.get("OVS_VSWITCHD") or shutil.which("ovs-vswitchd") \
-        or next((f"{d}/ovs-vswitchd" for d in VSWITCHD_DIRS
-                 if os.access(f"{d}/ovs-vswitchd", os.X_OK)), None)
-    schema = "/usr/share/openvswitch/vswitch.ovsschema"
-    if not all(tools.values()) or not os.path.exists(schema):
-        return None
-    return {**tools, "schema": schema}  # type: ignore[dict-item]
-
-
-class Switch:
-    """ovsdb-server + ovs-vswitchd --enable-dummy in `rundir`, bridge br0 (dummy dp)."""
-
-    def __init__(self, rundir: Path, tools: dict[str, str]):
-        self.dir = rundir
-        self.tools = tools
-        self.env = {**os.environ, **{v: str(rundir) for v in (
-            "OVS_RUNDIR", "OVS_LOGDIR", "OVS_DBDIR", "OVS_SYSCONFDIR")}}
-        self.procs: list[ProcessRecord] = []
-        self.ctl = f"{rundir}/ovs-vswitchd.ctl"
-        self.mgmt = f"unix:{rundir}/br0.mgmt"
-        self._client = None
-
-    def run(self, *argv: str) -> str:
-        proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=30,
-                              check=False)
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr}")
-        return proc.stdout
-
-    def _daemon(self, program: str, *args: str) -> None:
-        name = Path(program).name
-        self.run(*ovs_daemon_argv(program, self.dir, *args))
-        pid = int((self.dir / f"{name}.pid").read_text().split()[0])
-        stat = _proc_stat(pid)
-        self.procs.append(ProcessRecord(name, pid, stat[1] if stat else None, [program]))
-
-    def start(self) -> None:
-        db = f"{self.dir}/conf.db"
-        self.run(self.tools["ovsdb-tool"], "create", db, self.tools["schema"])
-        self._daemon(self.tools["ovsdb-server"], db, f"--remote=punix:{self.dir}/db.sock")
-        self.run(self.tools["ovs-vsctl"], f"--db=unix:{self.dir}/db.sock", "--no-wait",
-                 "init", "--", "add-br", "br0",
-                 "--", "set", "Bridge", "br0", "datapath_type=dummy",
-                 "--", "add-port", "br0", "p1",
-                 "--", "set", "Interface", "p1", "type=dummy", "ofport_request=1",
-                 "--", "add-port", "br0", "p2",
-                 "--", "set", "Interface", "p2", "type=dummy", f"ofport_request={OUT_PORT}")
-        self._daemon(self.tools["ovs-vswitchd"], f"unix:{self.dir}/db.sock",
-                     "--enable-dummy=system", "-vvconn:warn")
-        wait_until(lambda: os.path.exists(f"{self.dir}/br0.mgmt"), 10, 0.02, "br0.mgmt")
-        wait_until(lambda: "p2" in self.ofctl("show"), 10, 0.05, "br0 ports")
-
-    def stop(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        for rec in self.procs:
-            rec.signal(signal.SIGTERM)
-        try:
-            wait_until(lambda: not any(r.alive() for r in self.procs), 5, 0.02, "exit")
-        except TimeoutError:
-            for rec in self.procs:
-                rec.signal(signal.SIGKILL)
-
-    def ofctl(self, command: str, *args: str) -> str:
-        return self.run(self.tools["ovs-ofctl"], "-O", "OpenFlow15", command, self.mgmt,
-                        *args)
-
-    def trace(self, flow: str) -> str:
-        """ofproto/trace br0 FLOW over the unixctl socket."""
-        import ovs.unixctl.client
-
-        if self._client is None:
-            err, self._client = ovs.unixctl.client.UnixctlClient.create(self.ctl)
-            assert not err, os.strerror(err)
-        err, error, result = self._client.transact("ofproto/trace", ["br0", flow])
-        assert not err and error is None, f"trace {flow}: {err} {error}"
-        return result
-
-    def appctl_trace(self, flow: str) -> str:
-        return self.run(self.tools["ovs-appctl"], "-t", self.ctl, "ofproto/trace", "br0", flow)
 
 
 @dataclass(frozen=True)
@@ -202,13 +105,13 @@ def reg0(name: str) -> int:
 
 @pytest.fixture(scope="module")
 def switch() -> Iterator[Switch]:
-    tools = _find_tools()
+    tools = find_tools()
     if tools is None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("CI=true and Open vSwitch is not installed", pytrace=False)
         pytest.skip("needs Open vSwitch (ovsdb-server, ovs-vswitchd)")
     rundir = Path(tempfile.mkdtemp(prefix="slbp-", dir="/tmp"))
-    sw = Switch(rundir, tools)
+    sw = Switch(rundir, tools, extra_ports={"p2": OUT_PORT})
     try:
         sw.start()
         for name, group in GROUPS.items():

@@ -1,0 +1,116 @@
+"""One standalone Open vSwitch (no OVN): ovsdb-server + ovs-vswitchd on the dummy datapath.
+
+For checking OpenFlow behaviour against the real switch (the hash predictor's tests
+and benchmark): bridge br0 with dummy ports p1 (ofport 1) and any extra ports asked
+for, traces over the vswitchd's unixctl socket (no process per trace). Its daemons
+are stopped by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import ovs.unixctl.client
+
+from statelesslb.sandbox.core import (
+    VSWITCHD_DIRS,
+    ProcessRecord,
+    _proc_stat,
+    ovs_daemon_argv,
+    wait_until,
+)
+
+SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
+TOOLS = ("ovsdb-tool", "ovsdb-server", "ovs-vsctl", "ovs-ofctl", "ovs-appctl")
+
+
+def find_tools() -> dict[str, str] | None:
+    """Paths of the OVS programs (and the schema), or None if something is missing."""
+    tools = {t: shutil.which(t) for t in TOOLS}
+    tools["ovs-vswitchd"] = os.environ.get("OVS_VSWITCHD") or shutil.which("ovs-vswitchd") \
+        or next((f"{d}/ovs-vswitchd" for d in VSWITCHD_DIRS
+                 if os.access(f"{d}/ovs-vswitchd", os.X_OK)), None)
+    if not all(tools.values()) or not os.path.exists(SCHEMA):
+        return None
+    return {**tools, "schema": SCHEMA}  # type: ignore[dict-item]
+
+
+class Switch:
+    """ovsdb-server + ovs-vswitchd --enable-dummy in `rundir`, bridge br0 (dummy dp)."""
+
+    def __init__(self, rundir: Path, tools: dict[str, str],
+                 extra_ports: dict[str, int] | None = None):
+        self.dir = rundir
+        self.tools = tools
+        self.extra_ports = dict(extra_ports or {})
+        self.env = {**os.environ, **{v: str(rundir) for v in (
+            "OVS_RUNDIR", "OVS_LOGDIR", "OVS_DBDIR", "OVS_SYSCONFDIR")}}
+        self.procs: list[ProcessRecord] = []
+        self.ctl = f"{rundir}/ovs-vswitchd.ctl"
+        self.mgmt = f"unix:{rundir}/br0.mgmt"
+        self._client: ovs.unixctl.client.UnixctlClient | None = None
+
+    def run(self, *argv: str) -> str:
+        proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60,
+                              check=False)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr}")
+        return proc.stdout
+
+    def _daemon(self, program: str, *args: str) -> None:
+        name = Path(program).name
+        self.run(*ovs_daemon_argv(program, self.dir, *args))
+        pid = int((self.dir / f"{name}.pid").read_text().split()[0])
+        stat = _proc_stat(pid)
+        self.procs.append(ProcessRecord(name, pid, stat[1] if stat else None, [program]))
+
+    def start(self) -> None:
+        db = f"{self.dir}/conf.db"
+        self.run(self.tools["ovsdb-tool"], "create", db, self.tools["schema"])
+        self._daemon(self.tools["ovsdb-server"], db, f"--remote=punix:{self.dir}/db.sock")
+        ports = {"p1": 1, **self.extra_ports}
+        args = ["init", "--", "add-br", "br0",
+                "--", "set", "Bridge", "br0", "datapath_type=dummy"]
+        for name, ofport in ports.items():
+            args += ["--", "add-port", "br0", name,
+                     "--", "set", "Interface", name, "type=dummy", f"ofport_request={ofport}"]
+        self.run(self.tools["ovs-vsctl"], f"--db=unix:{self.dir}/db.sock", "--no-wait", *args)
+        self._daemon(self.tools["ovs-vswitchd"], f"unix:{self.dir}/db.sock",
+                     "--enable-dummy=system", "-vvconn:warn")
+        wait_until(lambda: os.path.exists(f"{self.dir}/br0.mgmt"), 10, 0.02, "br0.mgmt")
+        wait_until(lambda: all(p in self.ofctl("show") for p in ports), 10, 0.05,
+                   "br0 ports")
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        for rec in self.procs:
+            rec.signal(signal.SIGTERM)
+        try:
+            wait_until(lambda: not any(r.alive() for r in self.procs), 5, 0.02, "exit")
+        except TimeoutError:
+            for rec in self.procs:
+                rec.signal(signal.SIGKILL)
+
+    def ofctl(self, command: str, *args: str) -> str:
+        return self.run(self.tools["ovs-ofctl"], "-O", "OpenFlow15", command, self.mgmt,
+                        *args)
+
+    def trace(self, flow: str) -> str:
+        """ofproto/trace br0 FLOW over the unixctl socket."""
+        if self._client is None:
+            err, self._client = ovs.unixctl.client.UnixctlClient.create(self.ctl)
+            if err:
+                raise RuntimeError(f"unixctl {self.ctl}: {os.strerror(err)}")
+        err, error, result = self._client.transact("ofproto/trace", ["br0", flow])
+        if err or error is not None:
+            raise RuntimeError(f"trace {flow}: {err} {error}")
+        return result
+
+    def appctl_trace(self, flow: str) -> str:
+        return self.run(self.tools["ovs-appctl"], "-t", self.ctl, "ofproto/trace", "br0", flow)
