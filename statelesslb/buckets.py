@@ -230,12 +230,13 @@ def reconcile_nb(
     claims = _claim_vip_ids(list(everyone.values()))
     blocked_vip_ids = set(claims.in_use)
     index = index_topology(nb)
+    validation = _VALIDATION.scope(nb)
 
     changes: dict[str, dict[str, str | None]] = {}
     for lb in sorted(to_update.values(), key=_lb_order):
         ext = _external_ids(lb)
         if is_marked(lb):
-            desired = _desired_ids(lb, nb, index, claims, blocked_vip_ids, now)
+            desired = _desired_ids(lb, nb, index, validation, claims, blocked_vip_ids, now)
         else:
             desired = {key: None for key in WRITER_KEYS if key in ext}
         delta = {k: v for k, v in desired.items() if ext.get(k) != v}
@@ -248,12 +249,13 @@ def _desired_ids(
     lb: NbLoadBalancer,
     nb: NbView,
     index: TopologyIndex,
+    validation: ValidationMemo,
     claims: _ClaimedVipIds,
     blocked_vip_ids: set[int],
     now: float,
 ) -> dict[str, str | None]:
     ext = _external_ids(lb)
-    valid = _VALIDATION.validate(lb, nb, index)
+    valid = validation.validate(lb, nb, index)
     if isinstance(valid, LbError):
         return {EXT_STATUS: _error_status(valid.message)}
 

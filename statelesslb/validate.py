@@ -153,17 +153,28 @@ class ValidationMemo:
         self._topology: object = None
         self._results: dict[object, ValidLb | LbError] = {}
 
-    def validate(self, lb: NbLoadBalancer, nb: NbView,
-                 index: TopologyIndex | None = None) -> ValidLb | LbError:
+    def scope(self, nb: NbView) -> ValidationMemo:
+        """Call once per pass over the LBs: compares the topology once, not per LB."""
         try:
             topology = topology_key(nb)
+            hash(topology)
+        except Exception:
+            topology = None
+        if topology is None or topology != self._topology:
+            self._topology, self._results = topology, {}
+        return self
+
+    def validate(self, lb: NbLoadBalancer, nb: NbView,
+                 index: TopologyIndex | None = None) -> ValidLb | LbError:
+        """validate_lb(lb, nb, index) for the `nb` given to the last scope()."""
+        if self._topology is None:
+            return validate_lb(lb, nb, index)
+        try:
             key = (lb.uuid, lb.name, lb.protocol, frozenset(lb.vips.items()),
                    frozenset(lb.options.items()), frozenset(lb.ip_port_mappings.items()))
-            hash((topology, key))
+            hash(key)
         except Exception:
             return validate_lb(lb, nb, index)
-        if topology != self._topology:
-            self._topology, self._results = topology, {}
         result = self._results.get(key)
         if result is None:
             result = validate_lb(lb, nb, index)
