@@ -617,7 +617,8 @@ def _plan_gateway(
             if binding is not None and binding.datapath_key == router_dp:
                 rp_keys[backend.router_port_name] = binding.tunnel_key
         buckets = {}
-        for bucket_id, backend in _gateway_members(valid, vip, ids, sb):
+        members = _gateway_members(valid, vip, ids, sb)
+        for bucket_id, backend in members:
             binding = _binding(sb, backend.router_port_name)
             if binding is None or binding.datapath_key != router_dp:
                 problems.append(
@@ -633,20 +634,20 @@ def _plan_gateway(
                 buckets[bucket_id] = _bucket_actions(
                     backend, binding.tunnel_key, snapshot.tables)
         groups.append((vip, GroupSpec(config.group_id_base + ids.vip_ids[vip.key],
-                                      GROUP_FIELDS, buckets)))
+                                      GROUP_FIELDS, buckets), members))
     if problems:
         out.pending.extend(problems)
         return
 
     out.roles.add(ROLE_GATEWAY if active_here else ROLE_STANDBY)
-    for vip, group in groups:
+    for vip, group, members in groups:
         out.groups[group.group_id] = (group, vip.key)
         for dgp_key in dgp_keys:
             out.add_flow(_gateway_flow(valid, vip, dgp_key, router_dp, group,
                                        snapshot.tables, config), vip.key)
         if valid.affinity:
-            _plan_affinity(valid, vip, ids, router_dp, group, rp_keys,
-                           _gateway_members(valid, vip, ids, sb), snapshot.tables, config, out)
+            _plan_affinity(valid, vip, ids, router_dp, group, rp_keys, members,
+                           snapshot.tables, config, out)
 
 
 def _gateway_members(
