@@ -981,6 +981,15 @@ class Sandbox:
             msg += f"\n--- last lines of {log} ---\n{tail}"
         return msg
 
+    def start_again(self, name: str, extra_args: Sequence[str] = ()) -> ProcessRecord:
+        """Start the stopped process `name` as it was recorded, `extra_args` appended."""
+        rec = self.processes.get(name)
+        if rec is None:
+            raise SandboxError(f"no process named {name}")
+        return self.start_process(name, [*rec.argv, *extra_args], env=rec.env,
+                                  pidfile=rec.pidfile, log=rec.log, detach=rec.detach,
+                                  cwd=rec.cwd)
+
     def stop_process(self, name: str, timeout: float = 5.0) -> bool:
         """Stop the recorded process `name` (SIGTERM, then SIGKILL after `timeout`).
 

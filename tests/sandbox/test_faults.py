@@ -58,13 +58,6 @@ def expected_groups(sandbox, names):
     return out
 
 
-def restart_process(sandbox, name, extra_args=()):
-    rec = sandbox.processes[name]
-    sandbox.stop_process(name)
-    sandbox.start_process(name, [*rec.argv, *extra_args], env=rec.env, pidfile=rec.pidfile,
-                          log=rec.log, detach=rec.detach, cwd=rec.cwd)
-
-
 def test_kill_9_in_the_middle_of_a_large_change(sandbox, topo, lb1):
     gw = sandbox.chassis["gw1"]
     names = [f"big{i}" for i in range(40)]
@@ -132,13 +125,11 @@ def test_database_down_for_10s(sandbox, topo, lb1, db):
     create_lb(sandbox, "doomed", "172.16.0.120:80", BACKENDS[:2])
     doomed = wait_lb_ready(sandbox, "doomed", "172.16.0.120:80", 2)
     name = f"{db}/ovsdb-server"
-    rec = sandbox.processes[name]
     sandbox.stop_process(name)
     # The datapath keeps working with the database gone: flows stay installed.
     assert_traffic(sandbox, topo)
     time.sleep(10)
-    sandbox.start_process(name, rec.argv, env=rec.env, pidfile=rec.pidfile, log=rec.log,
-                          detach=rec.detach, cwd=rec.cwd)
+    sandbox.start_again(name)
     # Change things at once, before the agents' backoff brings them back: deletions
     # made while they were away never arrive as events.
     sandbox.nbctl("lb-del", "doomed")

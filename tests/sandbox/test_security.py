@@ -76,13 +76,10 @@ def test_ssl_to_nb_and_sb_with_the_sandboxes_own_ca(running, topo, tmp_path):
     ports = {}
     for db in ("nb", "sb"):
         ports[db] = _free_port()
-        rec = sb.processes[f"{db}/ovsdb-server"]
         sb.stop_process(f"{db}/ovsdb-server")
-        sb.start_process(f"{db}/ovsdb-server", [
-            *rec.argv, f"--private-key={tmp_path}/db-privkey.pem",
-            f"--certificate={tmp_path}/db-cert.pem", f"--ca-cert={ca}",
-            f"--remote=pssl:{ports[db]}:127.0.0.1"],
-            env=rec.env, pidfile=rec.pidfile, log=rec.log, detach=rec.detach, cwd=rec.cwd)
+        sb.start_again(f"{db}/ovsdb-server", [
+            f"--private-key={tmp_path}/db-privkey.pem", f"--certificate={tmp_path}/db-cert.pem",
+            f"--ca-cert={ca}", f"--remote=pssl:{ports[db]}:127.0.0.1"])
     gw = sb.chassis["gw1"]
     agents.stop_agent(sb, gw)
     agents.start_agent(sb, gw, ovn={
