@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from statelesslb.model import EXT_BUCKETS, EXT_STATUS, EXT_VIP_IDS
-from statelesslb.openflow import COOKIE_MASK, InstalledGroup, parse_groups
+from statelesslb.openflow import COOKIE_MASK, InstalledGroup, Ofctl
 from statelesslb.sandbox import packets as P
 from statelesslb.sandbox.core import Chassis, Sandbox, wait_until
 from statelesslb.sandbox.topology import Topology, Vm
@@ -58,18 +58,10 @@ def our_groups(chassis: Chassis, previous: bool = False,
                known: tuple[int, ...] = ()) -> dict[int, InstalledGroup]:
     """Our gateway groups (with previous=True also the second-chance groups).
 
-    One dump-groups per group, never for the whole bridge, and `known` ids too
-    (see Ofctl.groups: group stats may leave groups out).
+    Read as the agent reads them (Ofctl.groups: one dump per group, `known` ids too).
     """
     top = GROUP_BASE + (0x1FFFFFFF if previous else 0x0FFFFFFF)
-    ids = {int(m) for m in re.findall(r"group_id=(\d+),", chassis.ofctl("dump-group-stats"))}
-    out: dict[int, InstalledGroup] = {}
-    for gid in sorted(i for i in ids | set(known) if GROUP_BASE <= i <= top):
-        try:
-            out.update(parse_groups(chassis.ofctl("dump-groups", str(gid)), GROUP_BASE, top))
-        except Exception:  # removed between the two dumps
-            continue
-    return out
+    return Ofctl(chassis.br_int, chassis.sandbox.bin["ovs-ofctl"]).groups(GROUP_BASE, top, known)
 
 
 def ovn_state(chassis: Chassis) -> tuple[frozenset[str], frozenset[str]]:
