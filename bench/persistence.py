@@ -20,11 +20,13 @@ import time
 
 from common import running_sandbox
 
+from statelesslb.buckets import parse_drain, parse_id_map
+from statelesslb.model import EXT_BUCKETS, EXT_DRAIN, EXT_VIP_IDS
 from statelesslb.sandbox import Sandbox
 from statelesslb.sandbox import packets as P
 from statelesslb.sandbox.core import CLIENT_PORT, wait_until
 from statelesslb.sandbox.topology import add_second_dgp, wait_bound
-from statelesslb.sandbox.traffic import lb_ids, our_groups
+from statelesslb.sandbox.traffic import GROUP_BASE, lb_external_ids, our_groups
 
 THREE = ["10.0.0.11:8080", "10.0.0.12:8080", "10.0.0.13:8080"]
 LAYERS = [  # name, options:stateless_persistence (None: OVN's native LB)
@@ -163,16 +165,16 @@ class Bench:
             for name, mode in LAYERS:
                 if not mode:
                     continue
-                vip_ids, ids = lb_ids(self.sb, f"lb-{name}")
-                ext = self._ext(f"lb-{name}")
-                import json
-                drained = set(json.loads(ext.get("statelesslb:drain", "[]") or "[]"))
+                ext = lb_external_ids(self.sb, f"lb-{name}")
+                vip_ids = parse_id_map(ext.get(EXT_VIP_IDS)) or {}
+                ids = parse_id_map(ext.get(EXT_BUCKETS)) or {}
+                drained = parse_drain(ext.get(EXT_DRAIN))
                 vips = self.sb.nbctl("get", "load_balancer", f"lb-{name}", "vips")
                 members = vips.split("=", 1)[1].strip(' "}\n').split(",")
                 want = {ids.get(m) for m in members if m not in drained}
                 if None in want or not vip_ids:
                     return False
-                gid = 0x70000000 + vip_ids[f"{self.vip[name]}:80"]
+                gid = GROUP_BASE + vip_ids[f"{self.vip[name]}:80"]
                 for gw in gateways:
                     group = our_groups(self.sb.chassis[gw]).get(gid)
                     if group is None or set(group.buckets) != want:
@@ -180,12 +182,6 @@ class Bench:
             return True
         wait_until(groups_match, 30, 0.05, "gateway groups to match the NB")
         time.sleep(0.3)  # backends' chassis apply independently
-
-    def _ext(self, lb):
-        import json
-        out = self.sb.nbctl("--format=json", "--columns=external_ids", "find",
-                            "load_balancer", f"name={lb}")
-        return dict(json.loads(out)["data"][0][0][1])
 
     def failover(self, to_gw2: bool) -> None:
         prio = "30" if to_gw2 else "10"
