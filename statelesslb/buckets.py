@@ -14,9 +14,11 @@ Everything here is pure: no I/O.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from statelesslb.model import (
     EXT_ACTIVE,
@@ -31,6 +33,7 @@ from statelesslb.model import (
 from statelesslb.ofstrings import is_plain_int
 from statelesslb.validate import (
     LbError,
+    TopologyCache,
     TopologyIndex,
     ValidationMemo,
     canonical_endpoint_key,
@@ -171,8 +174,7 @@ def _claim_vip_ids(lbs: list[NbLoadBalancer]) -> _ClaimedVipIds:
     notes: dict[str, list[str]] = {}
     in_use: set[int] = set()
     for lb in sorted(lbs, key=_lb_order):
-        stored = parse_id_map(_external_ids(lb).get(EXT_VIP_IDS)) or {}
-        valid_ids = {k: v for k, v in stored.items() if v <= MAX_VIP_ID}
+        valid_ids = _stored_vip_ids(_external_ids(lb).get(EXT_VIP_IDS))
         # Ids an unmarked LB is about to release stay blocked for this pass
         # too, so a gateway never sees one group id change VIPs in one step.
         in_use.update(valid_ids.values())
@@ -192,6 +194,44 @@ def _claim_vip_ids(lbs: list[NbLoadBalancer]) -> _ClaimedVipIds:
                     f"VIP id {vip_id} of {key} re-allocated: also used by {where}")
         kept[lb.uuid] = mine
     return _ClaimedVipIds(kept, notes, in_use)
+
+
+def _stored_vip_ids(text: object) -> Mapping[str, int]:
+    """The usable ids of a stored `statelesslb:vip_ids` ({} when malformed)."""
+    return _parsed_vip_ids(text) if isinstance(text, str) else {}
+
+
+@functools.lru_cache(maxsize=65536)
+def _parsed_vip_ids(text: str) -> Mapping[str, int]:
+    # Parsed once per distinct text: every writer pass that re-claims ids walks every
+    # LB's map. Read-only, as it is shared.
+    stored = parse_id_map(text) or {}
+    return MappingProxyType({k: v for k, v in stored.items() if v <= MAX_VIP_ID})
+
+
+class _Blocked(Set[int]):
+    """VIP ids no LB may take in this pass: the persisted ones plus those handed out.
+
+    A view over the (shared, large) persisted set instead of a copy of it: a pass
+    over one changed LB must not cost a pass over every id.
+    """
+
+    def __init__(self, persisted: Set[int]):
+        self._persisted = persisted
+        self._new: set[int] = set()
+
+    def __contains__(self, vip_id: object) -> bool:
+        return vip_id in self._new or vip_id in self._persisted
+
+    def __iter__(self):
+        yield from self._persisted
+        yield from self._new - self._persisted
+
+    def __len__(self) -> int:
+        return len(self._persisted) + len(self._new - self._persisted)
+
+    def update(self, vip_ids: Iterable[int]) -> None:
+        self._new.update(vip_ids)
 
 
 def _format_status(notes: list[str]) -> str:
@@ -228,12 +268,21 @@ def reconcile_nb(
     to_update = {lb.uuid: lb for lb in lbs}
     everyone = dict(nb.load_balancers) | to_update
     claims = _claim_vip_ids(list(everyone.values()))
-    blocked_vip_ids = set(claims.in_use)
-    index = index_topology(nb)
-    validation = _VALIDATION.scope(nb)
+    return _reconcile(to_update.values(), nb, index_topology(nb), _VALIDATION.scope(nb),
+                      claims, now)
 
+
+def _reconcile(
+    lbs: Iterable[NbLoadBalancer],
+    nb: NbView,
+    index: TopologyIndex,
+    validation: ValidationMemo,
+    claims: _ClaimedVipIds,
+    now: float,
+) -> dict[str, dict[str, str | None]]:
+    blocked_vip_ids = _Blocked(claims.in_use)
     changes: dict[str, dict[str, str | None]] = {}
-    for lb in sorted(to_update.values(), key=_lb_order):
+    for lb in sorted(lbs, key=_lb_order):
         ext = _external_ids(lb)
         if is_marked(lb):
             desired = _desired_ids(lb, nb, index, validation, claims, blocked_vip_ids, now)
@@ -251,7 +300,7 @@ def _desired_ids(
     index: TopologyIndex,
     validation: ValidationMemo,
     claims: _ClaimedVipIds,
-    blocked_vip_ids: set[int],
+    blocked_vip_ids: _Blocked,
     now: float,
 ) -> dict[str, str | None]:
     ext = _external_ids(lb)
@@ -329,6 +378,72 @@ def settling(lb: NbLoadBalancer, now: float) -> float | None:
         return None
     due = previous[0] + SETTLE_SECONDS
     return due if due > now else None
+
+
+class NbReconciler:
+    """reconcile_nb() over a stream of NB views, at the cost of what changed.
+
+    The writer is told which LBs changed since its last pass; it then evaluates
+    those, the LBs whose last result it has not seen written yet, the LBs whose
+    phase 2 fell due, and the LBs whose VIP-id claims moved. Any other LB gave an
+    empty result last time from the same inputs, so it would again: the result
+    equals reconcile_nb() over all LBs (a property test holds it to that). A
+    topology change, or `changed=None`, evaluates every LB.
+    """
+
+    def __init__(self) -> None:
+        self._topology = TopologyCache()
+        self._validation = ValidationMemo()
+        self._claims: _ClaimedVipIds | None = None
+        self._claim_keys: dict[str, object] = {}
+        self._unwritten: set[str] = set()       # last result non-empty
+        self._settling: dict[str, float] = {}   # phase 1 published: uuid -> phase 2 due
+
+    def next_due(self) -> float | None:
+        """Unix time at which a settling LB may need its phase 2 written."""
+        return min(self._settling.values(), default=None)
+
+    def reconcile(
+        self, nb: NbView, now: float, changed: Set[str] | None = None
+    ) -> dict[str, dict[str, str | None]]:
+        """reconcile_nb(all LBs of nb, nb, now); `changed`: LB uuids changed since the
+        last call (None: unknown)."""
+        lbs = nb.load_balancers
+        topology, index, topology_changed = self._topology.get(nb)
+        validation = self._validation.scope(nb, topology)
+        full = changed is None or topology_changed or self._claims is None
+        todo: set[str] = set(lbs) if full else {u for u in changed if u in lbs}
+        claims = self._claims
+        if full or any(_claim_key(lbs.get(u)) != self._claim_keys.get(u) for u in changed):
+            claims = _claim_vip_ids(list(lbs.values()))
+            if self._claims is not None and not full:
+                old = self._claims
+                todo.update(u for u in lbs if old.kept.get(u) != claims.kept.get(u)
+                            or old.notes.get(u) != claims.notes.get(u))
+            self._claims = claims
+            self._claim_keys = {u: _claim_key(lb) for u, lb in lbs.items()}
+        assert claims is not None
+        todo.update(u for u in self._unwritten if u in lbs)
+        todo.update(u for u, due in self._settling.items() if due <= now and u in lbs)
+        changes = _reconcile([lbs[u] for u in todo], nb, index, validation, claims, now)
+
+        self._unwritten = set(changes)
+        if full:
+            self._settling = {}
+        for u in (set(self._settling) - lbs.keys()) | todo:
+            due = settling(lbs[u], now) if u in lbs else None
+            if due is None:
+                self._settling.pop(u, None)
+            else:
+                self._settling[u] = due
+        return changes
+
+
+def _claim_key(lb: NbLoadBalancer | None) -> object:
+    """What an LB's VIP-id claims depend on."""
+    if lb is None:
+        return None
+    return (_lb_order(lb), is_marked(lb), _external_ids(lb).get(EXT_VIP_IDS))
 
 
 ActiveSet = dict[str, dict[str, tuple[int, str, str]]]

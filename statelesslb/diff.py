@@ -8,6 +8,7 @@ group ids and the other buckets' ids (and counters) never change.
 from __future__ import annotations
 
 import re
+from collections.abc import Set
 
 from statelesslb.openflow import InstalledGroup, InstalledState
 from statelesslb.planner import GroupSpec, Plan
@@ -49,12 +50,29 @@ def _group_changes(want: GroupSpec, have: InstalledGroup) -> list[str]:
     return lines
 
 
-def diff_lines(plan: Plan, installed: InstalledState) -> list[str]:
-    """Bundle lines, ordered so every step is valid: flows leave before their groups."""
-    lines: list[str] = []
-    for cookie in sorted(installed.flows - plan.flows.keys()):
-        lines.append(f"flow delete cookie={cookie:#x}/-1")
-    for gid, group in sorted(plan.groups.items()):
+def diff_lines(plan: Plan, installed: InstalledState,
+               flows: Set[int] | None = None, groups: Set[int] | None = None) -> list[str]:
+    """Bundle lines, ordered so every step is valid: flows leave before their groups.
+
+    `flows` / `groups`: the only cookies and group ids that may differ between
+    the plan and `installed` (an incremental plan's update says which); None
+    compares everything.
+    """
+    if flows is None:
+        gone_flows = installed.flows - plan.flows.keys()
+        new_flows = plan.flows.keys() - installed.flows
+    else:
+        gone_flows = {c for c in flows if c in installed.flows and c not in plan.flows}
+        new_flows = {c for c in flows if c in plan.flows and c not in installed.flows}
+    if groups is None:
+        kept_groups = plan.groups.keys()
+        gone_groups = installed.groups.keys() - plan.groups.keys()
+    else:
+        kept_groups = {g for g in groups if g in plan.groups}
+        gone_groups = {g for g in groups if g in installed.groups and g not in plan.groups}
+    lines = [f"flow delete cookie={cookie:#x}/-1" for cookie in sorted(gone_flows)]
+    for gid in sorted(kept_groups):
+        group = plan.groups[gid]
         if installed.specs.get(gid) is group:
             continue   # the same planned object we installed last time: unchanged
         have = installed.groups.get(gid)
@@ -62,23 +80,44 @@ def diff_lines(plan: Plan, installed: InstalledState) -> list[str]:
             lines.extend(group.add_lines())
         else:
             lines.extend(_group_changes(group, have))
-    for cookie, flow in sorted(plan.flows.items()):
-        if cookie not in installed.flows:
-            lines.append(flow.add_line())
-    for gid in sorted(installed.groups.keys() - plan.groups.keys()):
-        lines.append(f"group delete group_id={gid}")
+    lines.extend(plan.flows[cookie].add_line() for cookie in sorted(new_flows))
+    lines.extend(f"group delete group_id={gid}" for gid in sorted(gone_groups))
     return lines
 
 
-def state_after(plan: Plan, before: InstalledState | None = None) -> InstalledState:
-    """What the bridge holds once a bundle built by diff_lines() has committed.
+def record(plan: Plan, installed: InstalledState,
+           flows: Set[int] | None = None, groups: Set[int] | None = None) -> None:
+    """Update `installed` to what the bridge holds once diff_lines()' bundle committed.
 
-    Groups planned by the very same object as in `before` keep their rendering.
+    Same `flows` / `groups` as given to diff_lines(). Groups planned by the very
+    same object as before keep their rendering.
     """
-    groups = {}
-    for gid, g in plan.groups.items():
-        if before is not None and before.specs.get(gid) is g and gid in before.groups:
-            groups[gid] = before.groups[gid]
-        else:
-            groups[gid] = InstalledGroup(gid, group_header(g), want_buckets(g))
-    return InstalledState(flows=set(plan.flows), groups=groups, specs=dict(plan.groups))
+    if flows is None:
+        installed.flows = set(plan.flows)
+    else:
+        for cookie in flows:
+            if cookie in plan.flows:
+                installed.flows.add(cookie)
+            else:
+                installed.flows.discard(cookie)
+    if groups is None:
+        for gid in installed.groups.keys() - plan.groups.keys():
+            del installed.groups[gid]
+            installed.specs.pop(gid, None)
+    for gid in plan.groups.keys() if groups is None else groups:
+        group = plan.groups.get(gid)
+        if group is None:
+            installed.groups.pop(gid, None)
+            installed.specs.pop(gid, None)
+        elif installed.specs.get(gid) is not group or gid not in installed.groups:
+            installed.groups[gid] = InstalledGroup(gid, group_header(group), want_buckets(group))
+            installed.specs[gid] = group
+
+
+def state_after(plan: Plan, before: InstalledState | None = None) -> InstalledState:
+    """What the bridge holds once a bundle built by diff_lines(plan, before) committed."""
+    after = InstalledState(flows=set(), groups={}, specs={})
+    if before is not None:
+        after = InstalledState(set(before.flows), dict(before.groups), dict(before.specs))
+    record(plan, after)
+    return after

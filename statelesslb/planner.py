@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address
 from types import MappingProxyType
@@ -57,17 +57,17 @@ from statelesslb.ofstrings import (
 )
 from statelesslb.validate import (
     LbError,
+    TopologyCache,
+    ValidationMemo,
     ValidBackend,
     ValidLb,
     ValidVip,
-    index_topology,
     is_marked,
     parse_endpoint,
     parse_mac,
     parse_window,
+    same_objects,
     show,
-    topology_key,
-    validate_lb,
 )
 
 # Identical on every gateway: the hash, and so the chosen backend, must agree.
@@ -329,77 +329,286 @@ def plan(snapshot: Snapshot, config: PlanConfig | None = None, now: float = 0.0)
     Raises ValueError only for a bad `config` or table layout (local setup,
     not NB data); NB and SB content never makes it raise.
     """
-    config = config or PlanConfig()
-    _check_tables(snapshot.tables, config)
-    sentinel = sentinel_flow(config)
-    flows: dict[int, FlowSpec] = {sentinel.cookie: sentinel}
-    groups: dict[int, GroupSpec] = {}
-    flow_owner: dict[tuple[int, int, str], tuple[FlowSpec, _Owner]] = {
-        sentinel.key: (sentinel, _Owner("sentinel", "")),
-    }
-    group_owner: dict[int, _Owner] = {}
-    statuses: dict[str, LbPlanStatus] = {}
-    expiries: list[float] = []
+    return IncrementalPlanner(config).update(snapshot, now).plan
 
-    nb = snapshot.nb
-    index = index_topology(nb)
-    rows = nb.load_balancers.values() if isinstance(nb.load_balancers, Mapping) else ()
-    marked = [
-        lb for lb in rows
-        if isinstance(lb, NbLoadBalancer) and isinstance(lb.uuid, str) and is_marked(lb)
-    ]
-    memo = _MEMO.scope(snapshot, config)
-    for lb in sorted(marked, key=lambda lb: (_text(lb.name), lb.uuid)):
-        name = _text(lb.name)
-        planned = memo.get(lb, now)
-        if planned is None:
-            planned = _plan_lb(lb, nb, index, snapshot, config, now)
-            memo.put(lb, now, planned)
-        status, candidate, until = planned
-        if candidate is None:
-            statuses[lb.uuid] = status
-            continue
-        if until is not None:
-            expiries.append(until)
 
-        owner = _Owner(name, lb.uuid)
-        conflict = candidate.self_conflict or _find_conflict(
-            candidate, flow_owner, flows, groups, group_owner)
-        if conflict:
-            statuses[lb.uuid] = LbPlanStatus(
-                name, STATE_ERROR,
-                f"{conflict}; nothing of this load balancer is installed on this chassis",
-            )
-            continue
-        for key, (flow, _vip) in sorted(candidate.flows.items()):
-            flow_owner.setdefault(key, (flow, owner))
-            flows[flow.cookie] = flow
-        for group_id, (group, _vip) in sorted(candidate.groups.items()):
-            group_owner.setdefault(group_id, owner)
-            groups[group_id] = group
-        pending = sorted(set(candidate.pending))
-        statuses[lb.uuid] = LbPlanStatus(
-            name,
-            STATE_PENDING if pending else STATE_OK,
-            _summary(pending),
-            tuple(sorted(candidate.roles)),
-            tuple(sorted(candidate.vip_keys)),
-        )
-    return Plan(
-        groups=dict(sorted(groups.items())),
-        flows=dict(sorted(flows.items())),
-        lb_status=dict(sorted(statuses.items())),
-        sentinel_cookie=sentinel.cookie,
-        expires_at=min(expiries) if expiries else None,
+@dataclass(frozen=True)
+class PlanUpdate:
+    """A plan, and what may differ from the plan of the previous update."""
+
+    plan: Plan
+    flows: frozenset[int] | None      # cookies added or removed; None: any
+    groups: frozenset[int] | None     # group ids added, removed or re-planned; None: any
+    lbs: frozenset[str] | None        # LB uuids whose status may differ; None: any
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One marked LB's plan, and what it was planned from."""
+
+    lb: NbLoadBalancer
+    open_window: bool
+    status: LbPlanStatus | None       # set when the LB plans nothing (invalid, pending ids)
+    candidate: _Candidate | None
+    until: float | None               # when its second-chance window closes
+
+    @property
+    def order(self) -> tuple[str, str]:
+        return (_text(self.lb.name), self.lb.uuid)
+
+
+class IncrementalPlanner:
+    """plan() for a stream of snapshots, at the cost of what changed.
+
+    Like ovn-controller's incremental engine: the caller says which LBs changed
+    since the last update; only those are planned again and patched into the
+    merged flow table and group set, and the update names the cookies and groups
+    that moved, so the diff against the bridge looks at those alone. A change of
+    context (NB topology, SB bindings, chassis, table layout) plans every LB
+    again, and so does any conflict between LBs (the merge is then redone in
+    name order, as plan() does). Every update equals plan() of its snapshot; a
+    property test holds it to that.
+    """
+
+    def __init__(self, config: PlanConfig | None = None):
+        self.config = config or PlanConfig()
+        self._topology = TopologyCache()
+        self._validation = ValidationMemo()
+        self._context_source: tuple[object, ...] = ()
+        self._context: object = None
+        self._parts: dict[str, _Part] = {}
+        self._windows: dict[str, float] = {}     # uuid -> until, open windows only
+        self._sentinel = sentinel_flow(self.config)
+        self._merged = _Merged(self._sentinel)
+
+    def update(self, snapshot: Snapshot, now: float = 0.0,
+               changed: Set[str] | None = None) -> PlanUpdate:
+        """The plan for `snapshot`; `changed`: uuids of LBs changed since the last
+        update (None: unknown, every LB is looked at)."""
+        _check_tables(snapshot.tables, self.config)
+        nb = snapshot.nb
+        topology, index, _ = self._topology.get(nb)
+        validation = self._validation.scope(nb, topology)
+        context_changed = self._check_context(snapshot, topology)
+        rows = nb.load_balancers if isinstance(nb.load_balancers, Mapping) else {}
+        if context_changed or changed is None:
+            todo = set(self._parts) | {u for u in rows if isinstance(u, str)}
+        else:
+            todo = set(changed) | {u for u, until in self._windows.items() if until <= now}
+
+        replaced: dict[str, _Part | None] = {}
+        for uuid in todo:
+            lb = rows.get(uuid)
+            old = self._parts.get(uuid)
+            if not (isinstance(lb, NbLoadBalancer) and lb.uuid == uuid and is_marked(lb)):
+                if old is not None:
+                    replaced[uuid] = None
+                continue
+            open_window = _window_open(lb, now)
+            if (old is not None and not context_changed and old.open_window == open_window
+                    and _same_row(old.lb, lb)):
+                continue
+            status, candidate, until = _plan_lb(lb, nb, index, snapshot, self.config, now,
+                                                validation)
+            replaced[uuid] = _Part(lb, open_window, status, candidate, until)
+        if not replaced and not context_changed:
+            return PlanUpdate(self._merged.plan(self._windows), frozenset(), frozenset(),
+                              frozenset())
+
+        for uuid, part in replaced.items():
+            if part is None:
+                self._parts.pop(uuid)
+            else:
+                self._parts[uuid] = part
+            if part is not None and part.candidate is not None and part.until is not None:
+                self._windows[uuid] = part.until
+            else:
+                self._windows.pop(uuid, None)
+        merged = self._merged
+        if context_changed or merged.conflicted or not merged.patch(replaced):
+            merged = self._merged = _Merged(self._sentinel)
+            merged.merge_all(self._parts.values())
+            return PlanUpdate(merged.plan(self._windows), None, None, None)
+        return PlanUpdate(merged.plan(self._windows), frozenset(merged.touched_flows),
+                          frozenset(merged.touched_groups), frozenset(replaced))
+
+    def _check_context(self, snapshot: Snapshot, topology: object) -> bool:
+        """Whether anything but the LBs changed since the last update."""
+        nb = snapshot.nb
+        source = (nb.routers, nb.router_ports, nb.switches, nb.switch_ports, snapshot.sb,
+                  snapshot.chassis, snapshot.tables)
+        if self._context is not None and same_objects(source, self._context_source):
+            return False
+        try:
+            context = (topology, _sb_key(snapshot.sb), snapshot.chassis, snapshot.tables)
+            hash(context)
+        except Exception:
+            context = None
+        changed = topology is None or context is None or context != self._context
+        self._context_source, self._context = source, context
+        return changed
+
+
+def _same_row(a: NbLoadBalancer, b: NbLoadBalancer) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except Exception:
+        return False
+
+
+def _window_open(lb: NbLoadBalancer, now: float) -> bool:
+    """Whether the LB's second-chance window is open at `now` (its plan depends on it)."""
+    try:
+        since = _previous_since(lb.external_ids.get(EXT_PREVIOUS))
+        window = parse_window(lb.options)
+    except Exception:
+        return False
+    return since is not None and window is not None and now < since + window
+
+
+class _Merged:
+    """The accepted LBs' flows and groups, merged; patched LB by LB when it can be."""
+
+    def __init__(self, sentinel: FlowSpec):
+        self.sentinel = sentinel
+        self.flows: dict[int, FlowSpec] = {sentinel.cookie: sentinel}
+        self.groups: dict[int, GroupSpec] = {}
+        self.statuses: dict[str, LbPlanStatus] = {}
+        # Who uses each flow key / group id ("" is the sentinel): identical flows may be
+        # shared, and one leaves the bridge only with its last user.
+        self.flow_users: dict[tuple[int, int, str], set[str]] = {sentinel.key: {""}}
+        self.flow_by_key: dict[tuple[int, int, str], FlowSpec] = {sentinel.key: sentinel}
+        self.group_users: dict[int, set[str]] = {}
+        self.accepted: dict[str, _Candidate] = {}
+        self.conflicted: set[str] = set()
+        self.touched_flows: set[int] = set()
+        self.touched_groups: set[int] = set()
+
+    def plan(self, windows: Mapping[str, float]) -> Plan:
+        # Copies: the agent's control socket reads a plan while the next is made.
+        return Plan(groups=dict(self.groups), flows=dict(self.flows),
+                    lb_status=dict(self.statuses), sentinel_cookie=self.sentinel.cookie,
+                    expires_at=min(windows.values(), default=None))
+
+    def merge_all(self, parts: Iterable[_Part]) -> None:
+        """Merge from nothing, in name order: an LB clashing with an earlier one is out."""
+        flow_owner: dict[tuple[int, int, str], tuple[FlowSpec, _Owner]] = {
+            self.sentinel.key: (self.sentinel, _Owner("sentinel", "")),
+        }
+        group_owner: dict[int, _Owner] = {}
+        for part in sorted(parts, key=lambda p: p.order):
+            lb, candidate = part.lb, part.candidate
+            name = _text(lb.name)
+            if candidate is None:
+                self.statuses[lb.uuid] = part.status
+                continue
+            owner = _Owner(name, lb.uuid)
+            conflict = candidate.self_conflict or _find_conflict(
+                candidate, flow_owner, self.flows, self.groups, group_owner)
+            if conflict:
+                if not candidate.self_conflict:
+                    self.conflicted.add(lb.uuid)
+                self.statuses[lb.uuid] = _conflict_status(name, conflict)
+                continue
+            for key, (flow, _vip) in sorted(candidate.flows.items()):
+                flow_owner.setdefault(key, (flow, owner))
+            for group_id, (_group, _vip) in sorted(candidate.groups.items()):
+                group_owner.setdefault(group_id, owner)
+            self._add(lb.uuid, candidate)
+            self.statuses[lb.uuid] = _accepted_status(name, candidate)
+
+    def patch(self, replaced: Mapping[str, _Part | None]) -> bool:
+        """Swap the given LBs' contributions; False if that makes LBs clash (merge all)."""
+        self.touched_flows, self.touched_groups = set(), set()
+        for uuid in replaced:
+            self.statuses.pop(uuid, None)
+            old = self.accepted.pop(uuid, None)
+            if old is not None:
+                self._remove(uuid, old)
+        for uuid, part in sorted(replaced.items()):
+            if part is None:
+                continue
+            candidate, name = part.candidate, _text(part.lb.name)
+            if candidate is None:
+                self.statuses[uuid] = part.status
+            elif candidate.self_conflict:
+                self.statuses[uuid] = _conflict_status(name, candidate.self_conflict)
+            elif self._clashes(candidate):
+                return False
+            else:
+                self._add(uuid, candidate)
+                self.statuses[uuid] = _accepted_status(name, candidate)
+        return True
+
+    def _clashes(self, candidate: _Candidate) -> bool:
+        for key, (flow, _vip) in candidate.flows.items():
+            known = self.flow_by_key.get(key)
+            if known is not None and known != flow:
+                return True
+            same_cookie = self.flows.get(flow.cookie)
+            if same_cookie is not None and same_cookie != flow:
+                return True
+        for group_id, (group, _vip) in candidate.groups.items():
+            known_group = self.groups.get(group_id)
+            if known_group is not None and known_group != group:
+                return True
+        return False
+
+    def _add(self, uuid: str, candidate: _Candidate) -> None:
+        self.accepted[uuid] = candidate
+        for key, (flow, _vip) in candidate.flows.items():
+            users = self.flow_users.setdefault(key, set())
+            if not users:
+                self.flow_by_key[key] = flow
+                self.flows[flow.cookie] = flow
+                self.touched_flows.add(flow.cookie)
+            users.add(uuid)
+        for group_id, (group, _vip) in candidate.groups.items():
+            users = self.group_users.setdefault(group_id, set())
+            if not users:
+                self.groups[group_id] = group
+                self.touched_groups.add(group_id)
+            users.add(uuid)
+
+    def _remove(self, uuid: str, candidate: _Candidate) -> None:
+        for key, (flow, _vip) in candidate.flows.items():
+            users = self.flow_users[key]
+            users.discard(uuid)
+            if not users:
+                del self.flow_users[key], self.flow_by_key[key], self.flows[flow.cookie]
+                self.touched_flows.add(flow.cookie)
+        for group_id in candidate.groups:
+            users = self.group_users[group_id]
+            users.discard(uuid)
+            if not users:
+                del self.group_users[group_id], self.groups[group_id]
+                self.touched_groups.add(group_id)
+
+
+def _conflict_status(name: str, conflict: str) -> LbPlanStatus:
+    return LbPlanStatus(
+        name, STATE_ERROR,
+        f"{conflict}; nothing of this load balancer is installed on this chassis")
+
+
+def _accepted_status(name: str, candidate: _Candidate) -> LbPlanStatus:
+    pending = sorted(set(candidate.pending))
+    return LbPlanStatus(
+        name,
+        STATE_PENDING if pending else STATE_OK,
+        _summary(pending),
+        tuple(sorted(candidate.roles)),
+        tuple(sorted(candidate.vip_keys)),
     )
 
 
 def _plan_lb(
     lb: NbLoadBalancer, nb, index, snapshot: Snapshot, config: PlanConfig, now: float,
+    validation: ValidationMemo,
 ) -> tuple[LbPlanStatus | None, _Candidate | None, float | None]:
     """One LB on its own: (error status, None, None) or (None, candidate, window end)."""
     name = _text(lb.name)
-    valid = validate_lb(lb, nb, index)
+    valid = validation.validate(lb, nb, index)
     if isinstance(valid, LbError):
         return LbPlanStatus(name, STATE_ERROR, valid.message), None, None
     ids = _read_ids(lb, valid, now)
@@ -411,61 +620,6 @@ def _plan_lb(
     return None, candidate, ids.previous_until
 
 
-class _Memo:
-    """Per-LB plans of the last calls, reused while nothing they depend on changed.
-
-    A backend change in one LB then costs one LB's planning, not all of them (the
-    agent plans from scratch on every change). The context (NB topology, SB
-    bindings, chassis, tables, config) is compared once per plan() call; an LB's
-    own key is its whole row; the time matters only through whether its
-    second-chance window is still open, which is part of the key. Values that
-    cannot be hashed (a fuzzer's) simply bypass the memo.
-    """
-
-    def __init__(self) -> None:
-        self._context: object = None
-        self._entries: dict[object, tuple] = {}
-
-    def scope(self, snapshot: Snapshot, config: PlanConfig) -> _Memo:
-        try:
-            context = (topology_key(snapshot.nb), _sb_key(snapshot.sb), snapshot.chassis,
-                       snapshot.tables, config)
-            hash(context)
-        except Exception:
-            context = None
-        if context is None or context != self._context:
-            self._context = context
-            self._entries = {}
-        return self
-
-    def _key(self, lb: NbLoadBalancer, now: float) -> object:
-        if self._context is None:
-            return None
-        try:
-            ext = lb.external_ids
-            since = _previous_since(ext.get(EXT_PREVIOUS))
-            window = parse_window(lb.options)
-            open_window = since is not None and window is not None and now < since + window
-            key = (lb.uuid, lb.name, lb.protocol, frozenset(lb.vips.items()),
-                   frozenset(lb.options.items()), frozenset(ext.items()),
-                   frozenset(lb.ip_port_mappings.items()), open_window)
-            hash(key)
-            return key
-        except Exception:
-            return None
-
-    def get(self, lb: NbLoadBalancer, now: float):
-        key = self._key(lb, now)
-        return None if key is None else self._entries.get(key)
-
-    def put(self, lb: NbLoadBalancer, now: float, value: tuple) -> None:
-        key = self._key(lb, now)
-        if key is not None:
-            if len(self._entries) > 200_000:
-                self._entries.clear()
-            self._entries[key] = value
-
-
 @functools.lru_cache(maxsize=65536)
 def _previous_since(text: object) -> float | None:
     """When `statelesslb:previous` was published (parsed once per distinct text)."""
@@ -475,9 +629,6 @@ def _previous_since(text: object) -> float | None:
 
 def _sb_key(sb: SbView) -> object:
     return (frozenset(sb.datapath_keys.items()), frozenset(sb.port_bindings.values()))
-
-
-_MEMO = _Memo()
 
 
 def _summary(reasons: list[str], shown: int = 5) -> str:

@@ -129,6 +129,51 @@ def parse_persistence(options: object) -> tuple[bool, bool, int]:
     return "affinity" in layers, "second-chance" in layers, int(raw_window)
 
 
+_UNSET = object()
+
+
+def safe_topology_key(nb: NbView) -> object:
+    """topology_key(nb), or None when the view holds something unhashable (a fuzzer's)."""
+    try:
+        key = topology_key(nb)
+        hash(key)
+    except Exception:
+        return None
+    return key
+
+
+def same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """Whether two tuples hold the very same objects, position by position."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+class TopologyCache:
+    """topology_key() and index_topology() of the latest NB view, once per topology.
+
+    The watchers' NbReader hands out the very same topology mappings until a
+    topology row changes; recognising them by identity spares a pass over every
+    router, port and switch on each LB change. Other views (tests build new
+    mappings each time) are compared by value, so the answer is always right.
+    """
+
+    def __init__(self) -> None:
+        self._source: tuple[object, ...] = ()
+        self._key: object = None
+        self._index: TopologyIndex | None = None
+
+    def get(self, nb: NbView) -> tuple[object, TopologyIndex, bool]:
+        """(topology_key or None, index, whether the topology differs from last call)."""
+        source = (nb.routers, nb.router_ports, nb.switches, nb.switch_ports)
+        if self._index is not None and same_objects(source, self._source):
+            return self._key, self._index, False
+        key = safe_topology_key(nb)
+        changed = key is None or key != self._key or self._index is None
+        if changed:
+            self._index = index_topology(nb)
+        self._source, self._key = source, key
+        return key, self._index, changed
+
+
 def topology_key(nb: NbView) -> object:
     """Everything of the NB but the load balancers, as one hashable value."""
     return (
@@ -153,13 +198,13 @@ class ValidationMemo:
         self._topology: object = None
         self._results: dict[object, ValidLb | LbError] = {}
 
-    def scope(self, nb: NbView) -> ValidationMemo:
-        """Call once per pass over the LBs: compares the topology once, not per LB."""
-        try:
-            topology = topology_key(nb)
-            hash(topology)
-        except Exception:
-            topology = None
+    def scope(self, nb: NbView, topology: object = _UNSET) -> ValidationMemo:
+        """Call once per pass over the LBs: compares the topology once, not per LB.
+
+        `topology` is topology_key(nb) when the caller has it already (None: unusable).
+        """
+        if topology is _UNSET:
+            topology = safe_topology_key(nb)
         if topology is None or topology != self._topology:
             self._topology, self._results = topology, {}
         return self
