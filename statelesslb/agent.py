@@ -1,9 +1,12 @@
 """statelesslb-agent: keeps this chassis' stateless-LB flows and groups in place.
 
-One loop, recompute-from-scratch: any change in the NB, the SB or the local
-OVS database marks the state dirty; the loop takes a snapshot of all three,
-plans the desired flows and groups (pure), diffs them against what is installed
-and applies the difference as one atomic OpenFlow bundle.
+One loop: any change in the NB, the SB or the local OVS database wakes it; it
+takes a snapshot of NB and SB, plans the desired flows and groups (pure), diffs
+them against what is installed and applies the difference as one atomic
+OpenFlow bundle. The work follows what changed: the watchers say which LB rows
+changed, the NB writer and the planner look at those LBs only, and the diff at
+the flows and groups the planner says moved. A reconnect, a wipe of br-int or
+the periodic resync re-reads everything and compares it all.
 """
 
 from __future__ import annotations
@@ -59,9 +62,12 @@ class Agent:
         self._layout_stale = True
         self._layout: TableLayout | None = None
         self._installed: InstalledState | None = None
-        # Group ids we installed last: a full re-read checks them even when OVS's
-        # group stats leave them out (see Ofctl.groups).
-        self._known_groups: set[int] = set()
+        # The plan installed last: a full re-read checks its group ids even when
+        # OVS's group stats leave them out (see Ofctl.groups).
+        self._recorded: planner.Plan | None = None
+        # LB uuids changed since the planner / the NB writer last looked (None: all).
+        self._plan_changes: frozenset[str] | None = None
+        self._writer_changes: frozenset[str] | None = None
         self._next_periodic = 0.0
         self._retry_at: float | None = None
         slb = conf.statelesslb
@@ -74,6 +80,7 @@ class Agent:
             private_table_base=slb.private_table_base,
             gateway_zone=slb.gateway_zone,
         )
+        self.planner = planner.IncrementalPlanner(self.plan_config)
         self.ovs = self.nb = self.sb = None
         self.ofctl: Ofctl | None = None
         self.monitor: WipeMonitor | None = None
@@ -128,6 +135,8 @@ class Agent:
         )
         self.nb.start()
         self.sb.start()
+        self.nb_reader = watchers.NbReader(self.nb)
+        self.sb_reader = watchers.SbReader(self.sb)
         if conf.statelesslb.nb_writer:
             self.writer = nbwriter.NbWriter(self.nb)
         self.ofctl = Ofctl(target, conf.ovs.ofctl_path, conf.ovs.ofctl_timeout)
@@ -186,6 +195,8 @@ class Agent:
             except Exception as exc:  # keep serving; the next iteration retries
                 LOG.exception("iteration failed: %s", exc)
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
+                # What is installed is no longer known to match our records.
+                self._installed = None
                 self._schedule_retry(1.0)
 
     def _schedule_retry(self, delay: float) -> None:
@@ -204,48 +215,39 @@ class Agent:
             layout_stale = self._layout_stale
             self._full_resync = False
             self._layout_stale = False
-        nb_view = None
+        nb_view = self._read_nb()
         if self.writer is not None:
-            if self.nb.has_lock != self.status.nb_writer:
-                LOG.info("NB writer lock %s", "acquired: this agent writes bucket ids and "
-                         "status" if self.nb.has_lock else "not held: another agent writes")
-            self.status.nb_writer = self.nb.has_lock
-            if self.nb.has_lock:
-                nb_view = watchers.read_nb(self.nb)
-                changed = self.writer.reconcile(nb_view)
-                due = self.writer.next_due(nb_view)
-                if changed:
-                    nb_view = None   # we just changed it: plan from the new rows
-                if due is not None:
-                    # A bucket change waits for the backends to hold the previous set.
-                    self._schedule_at(due - time.time() + 0.05)
+            nb_view = self._write_nb(nb_view)
         if layout_stale or self._layout is None:
             self._refresh_layout()
         if self._layout is None:
             self._schedule_retry(0.2)
             return
-        snapshot = Snapshot(
-            nb=nb_view if nb_view is not None else watchers.read_nb(self.nb),
-            sb=watchers.read_sb(self.sb),
-            chassis=self.status.chassis,
-            tables=self._layout,
-        )
-        plan = planner.plan(snapshot, self.plan_config, now=time.time())
+        snapshot = Snapshot(nb=nb_view, sb=self.sb_reader.read(),
+                            chassis=self.status.chassis, tables=self._layout)
+        update = self.planner.update(snapshot, now=time.time(),
+                                     changed=None if full else self._plan_changes)
+        self._plan_changes = frozenset()
+        plan = update.plan
         if plan.expires_at is not None:
             # A second-chance window closes then: plan again to drop its flows.
             self._schedule_at(plan.expires_at - time.time() + 0.05)
-        self._log_status_changes(self.plan, plan)
+        self._log_status_changes(self.plan, plan, update.lbs)
         self.snapshot, self.plan = snapshot, plan
         self.status.flows_expected = len(plan.flows)
         self.status.groups_expected = len(plan.groups)
+        touched_flows, touched_groups = update.flows, update.groups
         try:
             if full or self._installed is None:
-                known = set(plan.groups) | self._known_groups
+                known = set(plan.groups)
+                if self._recorded is not None:
+                    known |= self._recorded.groups.keys()
                 self._installed = self.ofctl.read_state(
                     self.plan_config.cookie_prefix, *self.group_range(), known_groups=known
                 )
                 self.status.last_full_sync = time.time()
-            lines = diff.diff_lines(plan, self._installed)
+                touched_flows = touched_groups = None
+            lines = diff.diff_lines(plan, self._installed, touched_flows, touched_groups)
             if lines:
                 self.ofctl.bundle(lines)
                 self.status.bundles_applied += 1
@@ -254,8 +256,8 @@ class Agent:
                          len(lines), len(plan.flows), len(plan.groups))
                 for line in lines:
                     LOG.debug("  %s", line)
-            self._installed = diff.state_after(plan, self._installed)
-            self._known_groups = set(plan.groups)
+            diff.record(plan, self._installed, touched_flows, touched_groups)
+            self._recorded = plan
             self.status.flows_installed = len(self._installed.flows)
             self.status.groups_installed = len(self._installed.groups)
             self.status.last_error = None
@@ -266,11 +268,48 @@ class Agent:
             self._installed = None
             self._schedule_retry(0.2)
 
+    def _read_nb(self):
+        """The NB view; the LBs it changed are queued for the planner and the writer."""
+        nb_view, changed = self.nb_reader.read()
+        self._plan_changes = _union(self._plan_changes, changed)
+        self._writer_changes = _union(self._writer_changes, changed)
+        return nb_view
+
+    def _write_nb(self, nb_view):
+        """As the NB writer (if we hold its lock): write ids and status; the view after."""
+        has_lock = self.nb.has_lock
+        if has_lock != self.status.nb_writer:
+            LOG.info("NB writer lock %s", "acquired: this agent writes bucket ids and "
+                     "status" if has_lock else "not held: another agent writes")
+        self.status.nb_writer = has_lock
+        if not has_lock:
+            # Whoever writes meanwhile, on getting the lock we look at every LB.
+            self._writer_changes = None
+            return nb_view
+        changed = self.writer.reconcile(nb_view, self._writer_changes)
+        self._writer_changes = frozenset()
+        if self.writer.last_error:
+            self._schedule_retry(1.0)   # the LBs it could not write are tried again
+        if changed:
+            nb_view = self._read_nb()   # we just changed it: plan from the new rows
+        due = self.writer.next_due()
+        if due is not None:
+            # A bucket change waits for the backends to hold the previous set.
+            self._schedule_at(due - time.time() + 0.05)
+        return nb_view
+
     @staticmethod
-    def _log_status_changes(old: planner.Plan | None, new: planner.Plan) -> None:
+    def _log_status_changes(old: planner.Plan | None, new: planner.Plan,
+                            lbs: frozenset[str] | None) -> None:
+        """Log the status of the LBs that changed (`lbs`; None: look at all)."""
         before = old.lb_status if old is not None else {}
-        for uuid, status in sorted(new.lb_status.items(), key=lambda kv: kv[1].name):
-            prev = before.get(uuid)
+        uuids = set(new.lb_status) | set(before) if lbs is None else lbs
+        for uuid in sorted(uuids, key=lambda u: (new.lb_status.get(u) or before[u]).name):
+            status, prev = new.lb_status.get(uuid), before.get(uuid)
+            if status is None:
+                if prev is not None:
+                    LOG.info("LB %s: no longer stateless", prev.name)
+                continue
             if prev is not None and (prev.state, prev.message, prev.roles) == (
                     status.state, status.message, status.roles):
                 continue
@@ -278,8 +317,6 @@ class Agent:
             LOG.log(level, "LB %s: %s%s (here: %s)", status.name, status.state,
                     f": {status.message}" if status.message else "",
                     ", ".join(status.roles) or "nothing")
-        for uuid in before.keys() - new.lb_status.keys():
-            LOG.info("LB %s: no longer stateless", before[uuid].name)
 
     def _refresh_layout(self) -> None:
         try:
@@ -304,6 +341,11 @@ class Agent:
         """Our group ids: the gateway groups, then the previous-set groups."""
         base = self.plan_config.group_id_base
         return base, self.plan_config.previous_group_base + buckets.MAX_VIP_ID
+
+
+def _union(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    """Two sets of changed uuids, where None stands for "all"."""
+    return None if a is None or b is None else a | b
 
 
 def _configure_ssl(conf: cfg.ConfigOpts) -> None:

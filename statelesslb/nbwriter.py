@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
+from collections.abc import Set
 
 from statelesslb import buckets
 from statelesslb.model import EXT_ACTIVE, EXT_PREVIOUS, NbView
@@ -21,19 +23,20 @@ LOG = logging.getLogger(__name__)
 class NbWriter:
     def __init__(self, watcher: Watcher):
         self.watcher = watcher
+        self.reconciler = buckets.NbReconciler()
         self.writes = 0
         self.last_error: str | None = None
 
-    def next_due(self, nb: NbView) -> float | None:
+    def next_due(self) -> float | None:
         """Unix time at which a settling LB may need its phase 2 written."""
-        now = time.time()
-        dues = [d for lb in nb.load_balancers.values()
-                if (d := buckets.settling(lb, now)) is not None]
-        return min(dues) if dues else None
+        return self.reconciler.next_due()
 
-    def reconcile(self, nb: NbView) -> int:
-        """Write what reconcile_nb says; returns the number of LBs changed."""
-        changes = buckets.reconcile_nb(nb.load_balancers.values(), nb, now=time.time())
+    def reconcile(self, nb: NbView, changed: Set[str] | None = None) -> int:
+        """Write what reconcile_nb says; returns the number of LBs changed.
+
+        `changed`: uuids of the LBs changed since the last call (None: unknown).
+        """
+        changes = self.reconciler.reconcile(nb, time.time(), changed)
         if not changes:
             return 0
         api_idl = self.watcher.idl
@@ -43,7 +46,7 @@ class NbWriter:
             txn = ovs_idl.Transaction(api_idl)
             rows = api_idl.tables["Load_Balancer"].rows
             for uuid_text, delta in changes.items():
-                row = next((r for r in rows.values() if str(r.uuid) == uuid_text), None)
+                row = rows.get(uuid.UUID(uuid_text))
                 if row is None:
                     continue
                 for key, value in delta.items():
@@ -60,6 +63,7 @@ class NbWriter:
             LOG.warning("%s", self.last_error)
             return 0
         self.writes += 1
+        self.last_error = None
         return len(changes)
 
 

@@ -1,16 +1,19 @@
 """ovsdbapp clients for the NB, the SB and the local Open vSwitch database.
 
 Each watcher keeps ovsdbapp's in-memory copy of the tables it needs and, through
-ovsdbapp row events, tells the agent that something changed. The agent then
-recomputes from the whole local copy (as ovs-monitor-ipsec does), so a missed or
-replayed event cannot leave it wrong: after a reconnect the IDL holds the
-server's current rows, deletions made meanwhile included.
+ovsdbapp row events, tells the agent that something changed. The readers turn
+that copy into model views: a row is converted again only when the IDL reported
+a change to it (so one changed LB costs one row, not a thousand), and everything
+is re-read after a reconnect, when the IDL may have replaced its whole copy
+without reporting deletions (python-ovs clears it silently).
 """
 
 from __future__ import annotations
 
 import logging
+import uuid as uuid_lib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import tenacity
 from ovs.db import idl as ovs_idl
@@ -35,6 +38,8 @@ NB_TABLES = (
     "HA_Chassis",
 )
 SB_TABLES = ("Chassis", "Datapath_Binding", "Port_Binding")
+# NB tables the LB-independent part of the view (routers, ports, switches) comes from.
+NB_TOPOLOGY_TABLES = frozenset(NB_TABLES) - {"Load_Balancer"}
 OVS_TABLES = ("Open_vSwitch",)
 
 
@@ -49,8 +54,16 @@ class _AnyChange(event.RowEvent):
         self._on_change(self._source, False)
 
 
+@dataclass
+class Changes:
+    """Rows the IDL reported changed since the last take_changes()."""
+
+    rows: dict[str, set[uuid_lib.UUID]] = field(default_factory=dict)   # table -> uuids
+    everything: bool = True    # reconnected (or never read): re-read every row
+
+
 class WatchedIdl(connection.OvsdbIdl):
-    """An IDL that reports row events and reconnects to the agent."""
+    """An IDL that reports row events and reconnects to the agent, and notes changed rows."""
 
     def __init__(self, source, remote, helper, tables, on_change, leader_only=True):
         super().__init__(remote, helper, leader_only=leader_only)
@@ -58,14 +71,23 @@ class WatchedIdl(connection.OvsdbIdl):
         self._on_change = on_change
         self._seqno = None
         self._was_connected = False
+        self.changes = Changes()
         self.handler = event.RowEventHandler()
         self.handler.watch_events([_AnyChange(t, source, on_change) for t in tables])
 
     def notify(self, event, row, updates=None):
+        # Runs inside Idl.run(), under the connection lock, before ovsdbapp hands the
+        # event to its own thread: a reader holding the lock sees rows and marks agree.
+        self.changes.rows.setdefault(row._table.name, set()).add(row.uuid)
         self.handler.notify(event, row, updates)
 
     def run(self):
+        monitoring_before = self.state == self.IDL_S_MONITORING
         changed = super().run()
+        if not monitoring_before and self.state == self.IDL_S_MONITORING:
+            # A monitor reply just (re)filled the copy, maybe after clearing it
+            # without a delete notice per row: only a full re-read is safe.
+            self.changes.everything = True
         connected = self._session.is_connected()
         if self._was_connected and not connected:
             LOG.warning("%s: lost the connection to %s; reconnecting with backoff",
@@ -75,6 +97,7 @@ class WatchedIdl(connection.OvsdbIdl):
         if seqno != self._seqno:
             # A new session: the server sends its whole content again.
             self._seqno = seqno
+            self.changes.everything = True
             LOG.info("%s: (re)connected to %s", self.source, self._session.get_name())
             self._on_change(self.source, True)
         return changed
@@ -129,6 +152,11 @@ class Watcher:
     def rows(self, table: str):
         return list(self.idl.tables[table].rows.values())
 
+    def take_changes(self) -> Changes:
+        """The changes noted since the last call (call with connection.lock held)."""
+        changes, self.idl.changes = self.idl.changes, Changes(everything=False)
+        return changes
+
     @property
     def connected(self) -> bool:
         return self.idl.connected
@@ -161,79 +189,131 @@ def read_local_ovs(watcher: Watcher) -> dict[str, str]:
         return dict(rows[0].external_ids) if rows else {}
 
 
-def read_nb(watcher: Watcher) -> model.NbView:
-    with watcher.connection.lock:
-        lbs = {}
-        for row in watcher.rows("Load_Balancer"):
-            lbs[str(row.uuid)] = model.NbLoadBalancer(
-                uuid=str(row.uuid),
-                name=row.name,
-                protocol=_opt(row.protocol),
-                vips=dict(row.vips),
-                options=dict(row.options),
-                external_ids=dict(row.external_ids),
-                ip_port_mappings=dict(row.ip_port_mappings),
-            )
-        routers = {}
-        for row in watcher.rows("Logical_Router"):
-            lb_ids = [str(lb.uuid) for lb in row.load_balancer]
-            for group in row.load_balancer_group:
-                lb_ids.extend(str(lb.uuid) for lb in group.load_balancer)
-            routers[str(row.uuid)] = model.NbRouter(
-                uuid=str(row.uuid),
-                name=row.name,
-                ports=tuple(p.name for p in row.ports),
-                load_balancers=tuple(dict.fromkeys(lb_ids)),
-            )
-        router_ports = {}
-        for row in watcher.rows("Logical_Router_Port"):
-            router_ports[row.name] = model.NbRouterPort(
-                uuid=str(row.uuid),
-                name=row.name,
-                mac=row.mac,
-                networks=tuple(row.networks),
-                is_gateway=bool(
-                    row.gateway_chassis
-                    or row.ha_chassis_group
-                    or row.options.get("redirect-chassis")
-                ),
-                gateway_chassis=_gateway_chassis_names(row),
-            )
-        switches = {
-            str(row.uuid): model.NbSwitch(
-                uuid=str(row.uuid), name=row.name, ports=tuple(p.name for p in row.ports)
-            )
-            for row in watcher.rows("Logical_Switch")
-        }
-        switch_ports = {
-            row.name: model.NbSwitchPort(
-                uuid=str(row.uuid),
-                name=row.name,
-                type=row.type,
-                addresses=tuple(row.addresses),
-                options=dict(row.options),
-            )
-            for row in watcher.rows("Logical_Switch_Port")
-        }
-    return model.NbView(lbs, routers, router_ports, switches, switch_ports)
+def _load_balancer(row) -> model.NbLoadBalancer:
+    return model.NbLoadBalancer(
+        uuid=str(row.uuid),
+        name=row.name,
+        protocol=_opt(row.protocol),
+        vips=dict(row.vips),
+        options=dict(row.options),
+        external_ids=dict(row.external_ids),
+        ip_port_mappings=dict(row.ip_port_mappings),
+    )
 
 
-def read_sb(watcher: Watcher) -> model.SbView:
-    with watcher.connection.lock:
-        datapath_keys = {}
-        for row in watcher.rows("Datapath_Binding"):
-            ext = row.external_ids
-            nb_uuid = ext.get("logical-router") or ext.get("logical-switch")
-            if nb_uuid:
-                datapath_keys[nb_uuid] = row.tunnel_key
-        port_bindings = {}
-        for row in watcher.rows("Port_Binding"):
-            chassis = _opt(row.chassis)
-            datapath = row.datapath
-            port_bindings[row.logical_port] = model.SbPortBinding(
-                logical_port=row.logical_port,
-                tunnel_key=row.tunnel_key,
-                datapath_key=datapath.tunnel_key if datapath is not None else 0,
-                chassis=chassis.name if chassis is not None else None,
-            )
+def _topology(watcher: Watcher) -> tuple[dict, dict, dict, dict]:
+    """(routers, router ports, switches, switch ports): the NB but its LBs."""
+    routers = {}
+    for row in watcher.rows("Logical_Router"):
+        lb_ids = [str(lb.uuid) for lb in row.load_balancer]
+        for group in row.load_balancer_group:
+            lb_ids.extend(str(lb.uuid) for lb in group.load_balancer)
+        routers[str(row.uuid)] = model.NbRouter(
+            uuid=str(row.uuid),
+            name=row.name,
+            ports=tuple(p.name for p in row.ports),
+            load_balancers=tuple(dict.fromkeys(lb_ids)),
+        )
+    router_ports = {}
+    for row in watcher.rows("Logical_Router_Port"):
+        router_ports[row.name] = model.NbRouterPort(
+            uuid=str(row.uuid),
+            name=row.name,
+            mac=row.mac,
+            networks=tuple(row.networks),
+            is_gateway=bool(
+                row.gateway_chassis
+                or row.ha_chassis_group
+                or row.options.get("redirect-chassis")
+            ),
+            gateway_chassis=_gateway_chassis_names(row),
+        )
+    switches = {
+        str(row.uuid): model.NbSwitch(
+            uuid=str(row.uuid), name=row.name, ports=tuple(p.name for p in row.ports)
+        )
+        for row in watcher.rows("Logical_Switch")
+    }
+    switch_ports = {
+        row.name: model.NbSwitchPort(
+            uuid=str(row.uuid),
+            name=row.name,
+            type=row.type,
+            addresses=tuple(row.addresses),
+            options=dict(row.options),
+        )
+        for row in watcher.rows("Logical_Switch_Port")
+    }
+    return routers, router_ports, switches, switch_ports
+
+
+class NbReader:
+    """The NB view, converted again only where the IDL reported changed rows.
+
+    Each read hands out new top-level mappings and never mutates one it handed
+    out; the topology mappings stay the very same objects while no topology row
+    changed, which lets the planner and the NB writer skip comparing them.
+    """
+
+    def __init__(self, watcher: Watcher):
+        self.watcher = watcher
+        self._lbs: dict[str, model.NbLoadBalancer] = {}
+        self._topology: tuple[dict, dict, dict, dict] | None = None
+
+    def read(self) -> tuple[model.NbView, frozenset[str] | None]:
+        """(the view, uuids of the LBs changed since the last read; None: maybe all)."""
+        with self.watcher.connection.lock:
+            changes = self.watcher.take_changes()
+            lb_rows = self.watcher.idl.tables["Load_Balancer"].rows
+            changed: frozenset[str] | None
+            if changes.everything:
+                self._lbs = {str(row.uuid): _load_balancer(row) for row in lb_rows.values()}
+                changed = None
+            else:
+                touched = changes.rows.get("Load_Balancer", set())
+                for row_uuid in touched:
+                    row = lb_rows.get(row_uuid)
+                    if row is None:
+                        self._lbs.pop(str(row_uuid), None)
+                    else:
+                        self._lbs[str(row_uuid)] = _load_balancer(row)
+                changed = frozenset(str(u) for u in touched)
+            if (changes.everything or self._topology is None
+                    or not NB_TOPOLOGY_TABLES.isdisjoint(changes.rows)):
+                self._topology = _topology(self.watcher)
+        return model.NbView(dict(self._lbs), *self._topology), changed
+
+
+def _sb_view(watcher: Watcher) -> model.SbView:
+    datapath_keys = {}
+    for row in watcher.rows("Datapath_Binding"):
+        ext = row.external_ids
+        nb_uuid = ext.get("logical-router") or ext.get("logical-switch")
+        if nb_uuid:
+            datapath_keys[nb_uuid] = row.tunnel_key
+    port_bindings = {}
+    for row in watcher.rows("Port_Binding"):
+        chassis = _opt(row.chassis)
+        datapath = row.datapath
+        port_bindings[row.logical_port] = model.SbPortBinding(
+            logical_port=row.logical_port,
+            tunnel_key=row.tunnel_key,
+            datapath_key=datapath.tunnel_key if datapath is not None else 0,
+            chassis=chassis.name if chassis is not None else None,
+        )
     return model.SbView(datapath_keys, port_bindings)
+
+
+class SbReader:
+    """The SB view, rebuilt only after the SB changed (the same object otherwise)."""
+
+    def __init__(self, watcher: Watcher):
+        self.watcher = watcher
+        self._view: model.SbView | None = None
+
+    def read(self) -> model.SbView:
+        with self.watcher.connection.lock:
+            changes = self.watcher.take_changes()
+            if self._view is None or changes.everything or changes.rows:
+                self._view = _sb_view(self.watcher)
+            return self._view
