@@ -7,7 +7,8 @@ One gateway and one hypervisor with 16 VMs. For each size N (default 10, 100,
   (median of 5), i.e. whether a change costs more with more LBs;
 - the gw1 agent's CPU seconds and resident memory;
 then the same N as OVN native LBs: NB commit -> ovn-controller on gw1 has
-installed all N native groups (its CPU time too).
+installed all N native LBs' flows (its CPU time too), and one backend change
+of a native LB: NB commit -> gw1's group for that VIP has the new bucket count.
 
     .venv/bin/python bench/scale.py [--sizes 10,100,1000]
 """
@@ -15,12 +16,14 @@ installed all N native groups (its CPU time too).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import time
 
 from common import cpu_seconds, rss_mib, running_sandbox
 
+from statelesslb.sandbox.agents import agent_ctl
 from statelesslb.sandbox.core import wait_until
 from statelesslb.sandbox.traffic import GROUP_BASE, lb_ids
 
@@ -34,6 +37,15 @@ def native_vips(chassis) -> int:
     """VIPs of the native LBs (172.21.x.y) that have a ct_lb_mark flow on the chassis."""
     dump = chassis.ofctl("dump-flows", "--no-stats")
     return len(set(re.findall(r"nw_dst=(172\.21\.\d+\.\d+).*actions=group:", dump)))
+
+
+def native_buckets(chassis, vip_ip: str) -> int:
+    """Buckets of the group(s) gw1's flows for a native VIP point at (-1: not one group)."""
+    dump = chassis.ofctl("dump-flows", f"ip,nw_dst={vip_ip}", "--no-stats")
+    groups = set(re.findall(r"group:(\d+)", dump))
+    if len(groups) != 1:
+        return -1
+    return chassis.ofctl("dump-groups", groups.pop()).count("bucket=")
 
 
 def create(sb, prefix: str, n: int, backends: list[str], stateless: bool, subnet: int):
@@ -70,8 +82,10 @@ def main() -> None:
         agent = sb.agents["gw1"]["pid"]
         controller = sb.processes["gw1/ovn-controller"].pid
         backends = [f"{vm.ip}:8080" for vm in topo.vms]
-        print(f"{'LBs':>6} {'install s':>10} {'change ms':>10} {'agent CPU s':>12} "
-              f"{'agent RSS MiB':>14} | {'native install s':>17} {'ovn-controller CPU s':>21}")
+        print(f"{'LBs':>6} {'install s':>10} {'change ms':>10} {'in agent ms':>12} "
+              f"{'bundle ms':>10} {'agent CPU s':>12} "
+              f"{'agent RSS MiB':>14} | {'native install s':>17} {'native change ms':>17} "
+              f"{'ovn-controller CPU s':>21}")
         for n in sizes:
             # -- stateless ------------------------------------------------------
             cpu0 = cpu_seconds(agent)
@@ -80,9 +94,9 @@ def main() -> None:
             wait_until(lambda n=n: group_count(gw, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF) >= n,
                        900, 0.2, f"{n} stateless groups on gw1")
             install = time.monotonic() - start
-            changes = []
+            changes, inside, bundle = [], [], []
             for k in range(5):
-                name = f"s{(k * 7) % n}"
+                name = f"s{(k // 2 * 7) % n}"   # remove a backend, then add it back
                 vip_ids, _ids = lb_ids(sb, name)
                 gid = GROUP_BASE + next(iter(vip_ids.values()))
                 members = backends[:15] if k % 2 == 0 else backends
@@ -95,6 +109,10 @@ def main() -> None:
                 wait_until(lambda g=gid, w=count: gw.ofctl("dump-groups", str(g)).count(
                     "bucket_id:") == w, 120, 0.01, "the change on gw1")
                 changes.append(time.monotonic() - t0)
+                time.sleep(0.1)   # let the agent finish its iteration before asking
+                laps = json.loads(agent_ctl(sb, "gw1", "status"))["last_apply_ms"]
+                inside.append(laps["total"])
+                bundle.append(laps["bundle"])
             time.sleep(1)
             used = cpu_seconds(agent) - cpu0
             rss = rss_mib(agent)
@@ -111,14 +129,30 @@ def main() -> None:
                        f"{n} native VIPs' flows on gw1")
             native = time.monotonic() - start
             native_cpu = cpu_seconds(controller) - cpu1
+            native_changes = []
+            for k in range(5):
+                i = (k // 2 * 7) % n        # remove a backend, then add it back
+                vip = f"172.21.{i // 250}.{1 + i % 250}"
+                members = backends[:15] if k % 2 == 0 else backends
+                count = len(members)
+                t0 = time.monotonic()
+                sb.nbctl("set", "load_balancer", f"n{i}",
+                         f'vips:"{vip}:80"="{",".join(members)}"')
+                wait_until(lambda v=vip, w=count: native_buckets(gw, v) == w, 120, 0.01,
+                           "the native change on gw1")
+                native_changes.append(time.monotonic() - t0)
             delete(sb, "n", n)
             wait_until(lambda: native_vips(gw) == 0, 900, 0.2, "native flows removed")
             print(f"{n:>6} {install:>10.2f} {statistics.median(changes) * 1000:>10.0f} "
-                  f"{used:>12.2f} {rss:>14.1f} | {native:>17.2f} {native_cpu:>21.2f}",
+                  f"{statistics.median(inside):>12.1f} {statistics.median(bundle):>10.1f} "
+                  f"{used:>12.2f} {rss:>14.1f} | {native:>17.2f} "
+                  f"{statistics.median(native_changes) * 1000:>17.0f} {native_cpu:>21.2f}",
                   flush=True)
         print("\ninstall: NB commit of all N LBs -> N groups on gw1; change: one backend of "
               "one LB removed or re-added -> gw1's group shows it (median of 5); "
-              "persistence=hash, so no two-phase settle second")
+              "in agent: the agent's iteration that applied it (NB read, NB write, plan, "
+              "diff, bundle), of which bundle: ovs-ofctl; persistence=hash, so no "
+              "two-phase settle second")
 
 
 if __name__ == "__main__":

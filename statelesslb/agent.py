@@ -47,6 +47,10 @@ class AgentStatus:
     groups_installed: int | None = None
     nb_writer: bool = False
     layout: dict | None = None
+    # NB rows found changed by a full re-read without a change notice (should stay 0).
+    missed_changes: int = 0
+    # Where the last iteration that changed the bridge spent its time, in ms.
+    last_apply_ms: dict[str, float] | None = None
 
 
 class Agent:
@@ -210,14 +214,17 @@ class Agent:
     # -- one recompute ------------------------------------------------------------
     def iterate(self) -> None:
         self.status.iterations += 1
+        clock = _PhaseClock()
         with self._mutex:
             full = self._full_resync
             layout_stale = self._layout_stale
             self._full_resync = False
             self._layout_stale = False
-        nb_view = self._read_nb()
+        nb_view = self._read_nb(everything=full)
+        clock.lap("read_nb")
         if self.writer is not None:
             nb_view = self._write_nb(nb_view)
+            clock.lap("nb_writer")
         if layout_stale or self._layout is None:
             self._refresh_layout()
         if self._layout is None:
@@ -225,9 +232,11 @@ class Agent:
             return
         snapshot = Snapshot(nb=nb_view, sb=self.sb_reader.read(),
                             chassis=self.status.chassis, tables=self._layout)
+        clock.lap("read_sb")
         update = self.planner.update(snapshot, now=time.time(),
                                      changed=None if full else self._plan_changes)
         self._plan_changes = frozenset()
+        clock.lap("plan")
         plan = update.plan
         if plan.expires_at is not None:
             # A second-chance window closes then: plan again to drop its flows.
@@ -247,9 +256,13 @@ class Agent:
                 )
                 self.status.last_full_sync = time.time()
                 touched_flows = touched_groups = None
+                clock.lap("read_bridge")
             lines = diff.diff_lines(plan, self._installed, touched_flows, touched_groups)
+            clock.lap("diff")
             if lines:
                 self.ofctl.bundle(lines)
+                clock.lap("bundle")
+                self.status.last_apply_ms = clock.laps
                 self.status.bundles_applied += 1
                 self.status.last_apply = time.time()
                 LOG.info("applied %d OpenFlow changes (%d flows, %d groups expected)",
@@ -268,9 +281,10 @@ class Agent:
             self._installed = None
             self._schedule_retry(0.2)
 
-    def _read_nb(self):
+    def _read_nb(self, everything: bool = False):
         """The NB view; the LBs it changed are queued for the planner and the writer."""
-        nb_view, changed = self.nb_reader.read()
+        nb_view, changed = self.nb_reader.read(everything)
+        self.status.missed_changes = self.nb_reader.missed_changes
         self._plan_changes = _union(self._plan_changes, changed)
         self._writer_changes = _union(self._writer_changes, changed)
         return nb_view
@@ -341,6 +355,20 @@ class Agent:
         """Our group ids: the gateway groups, then the previous-set groups."""
         base = self.plan_config.group_id_base
         return base, self.plan_config.previous_group_base + buckets.MAX_VIP_ID
+
+
+class _PhaseClock:
+    """Milliseconds spent per phase of one iteration."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = self._start = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = round((now - self._last) * 1000, 2)
+        self.laps["total"] = round((now - self._start) * 1000, 2)
+        self._last = now
 
 
 def _union(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:

@@ -370,12 +370,14 @@ def render_status(doc: Mapping[str, Any]) -> str:
         ("nb writer", "yes (holds the lock)" if doc.get("nb_writer") else "no"),
         ("last full sync", _when(doc.get("last_full_sync"), now)),
         ("last change", _when(doc.get("last_apply"), now)),
+        ("last change took", _phases(doc.get("last_apply_ms"))),
         ("flows", f"{_cell(doc.get('flows_installed'))} installed, "
                   f"{_cell(doc.get('flows_expected'))} expected"),
         ("groups", f"{_cell(doc.get('groups_installed'))} installed, "
                    f"{_cell(doc.get('groups_expected'))} expected"),
         ("bundles applied", doc.get("bundles_applied")),
         ("bridge wipes seen", doc.get("wipes_seen")),
+        ("missed changes", doc.get("missed_changes")),
         ("last error", doc.get("last_error")),
         ("table layout", layout_text),
     ]
@@ -383,6 +385,14 @@ def render_status(doc: Mapping[str, Any]) -> str:
     lines = [f"{k.ljust(width)}  {_cell(v)}" for k, v in rows]
     lines += [f"problem: {p}" for p in doc.get("problems", [])]
     return "\n".join(lines)
+
+
+def _phases(laps: object) -> str | None:
+    """'3.1 ms (read_nb 0.2, plan 0.4, bundle 2.1, ...)' from last_apply_ms."""
+    if not isinstance(laps, Mapping) or "total" not in laps:
+        return None
+    parts = ", ".join(f"{k} {v}" for k, v in laps.items() if k != "total")
+    return f"{laps['total']} ms ({parts})"
 
 
 def render_lb_list(doc: Mapping[str, Any]) -> str:

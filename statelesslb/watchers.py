@@ -253,24 +253,31 @@ class NbReader:
     Each read hands out new top-level mappings and never mutates one it handed
     out; the topology mappings stay the very same objects while no topology row
     changed, which lets the planner and the NB writer skip comparing them.
+
+    A read with `everything=True` (the agent's periodic resync) converts every
+    row again and checks the change tracking against it: rows that differ
+    without a notice are counted in `missed_changes` and logged.
     """
 
     def __init__(self, watcher: Watcher):
         self.watcher = watcher
+        self.missed_changes = 0
         self._lbs: dict[str, model.NbLoadBalancer] = {}
         self._topology: tuple[dict, dict, dict, dict] | None = None
 
-    def read(self) -> tuple[model.NbView, frozenset[str] | None]:
+    def read(self, everything: bool = False) -> tuple[model.NbView, frozenset[str] | None]:
         """(the view, uuids of the LBs changed since the last read; None: maybe all)."""
         with self.watcher.connection.lock:
             changes = self.watcher.take_changes()
             lb_rows = self.watcher.idl.tables["Load_Balancer"].rows
+            touched = changes.rows.get("Load_Balancer", set())
             changed: frozenset[str] | None
-            if changes.everything:
-                self._lbs = {str(row.uuid): _load_balancer(row) for row in lb_rows.values()}
-                changed = None
+            if changes.everything or everything:
+                lbs = {str(row.uuid): _load_balancer(row) for row in lb_rows.values()}
+                if not changes.everything:
+                    self._check_lbs(lbs, {str(u) for u in touched})
+                self._lbs, changed = lbs, None
             else:
-                touched = changes.rows.get("Load_Balancer", set())
                 for row_uuid in touched:
                     row = lb_rows.get(row_uuid)
                     if row is None:
@@ -278,10 +285,25 @@ class NbReader:
                     else:
                         self._lbs[str(row_uuid)] = _load_balancer(row)
                 changed = frozenset(str(u) for u in touched)
-            if (changes.everything or self._topology is None
-                    or not NB_TOPOLOGY_TABLES.isdisjoint(changes.rows)):
-                self._topology = _topology(self.watcher)
+            topology_touched = not NB_TOPOLOGY_TABLES.isdisjoint(changes.rows)
+            if changes.everything or everything or topology_touched or self._topology is None:
+                topology = _topology(self.watcher)
+                if (everything and not changes.everything and not topology_touched
+                        and topology != self._topology):
+                    self._missed("the NB topology (routers, ports, switches)")
+                self._topology = topology
         return model.NbView(dict(self._lbs), *self._topology), changed
+
+    def _check_lbs(self, fresh: dict[str, model.NbLoadBalancer], notified: set[str]) -> None:
+        for uuid in sorted(fresh.keys() | self._lbs.keys()):
+            if uuid not in notified and fresh.get(uuid) != self._lbs.get(uuid):
+                self._missed(f"Load_Balancer {uuid}")
+
+    def _missed(self, what: str) -> None:
+        # Should never happen; if it does, this full read has repaired it.
+        self.missed_changes += 1
+        LOG.warning("%s changed without a change notice from the IDL; re-read in full",
+                    what)
 
 
 def _sb_view(watcher: Watcher) -> model.SbView:

@@ -389,6 +389,7 @@ STATUS = {
     "last_full_sync": 990.0, "last_apply": None, "flows_installed": 2, "flows_expected": 2,
     "groups_installed": 1, "groups_expected": 1, "bundles_applied": 3, "wipes_seen": 1,
     "last_error": None, "layout": {"lr_in_intercept": 13, "output": 37},
+    "last_apply_ms": {"read_nb": 0.2, "plan": 0.5, "bundle": 9.1, "total": 9.8},
 }
 
 
@@ -402,6 +403,7 @@ def test_render_status() -> None:
     assert lines["flows"] == "2 installed, 2 expected"
     assert lines["last full sync"].endswith("(10s ago)")
     assert lines["table layout"] == "lr_in_intercept=13 output=37"
+    assert lines["last change took"] == "9.8 ms (read_nb 0.2, plan 0.5, bundle 9.1)"
     sick = dict(STATUS, healthy=False, problems=["not connected to the SB database"],
                 connections={"nb": True, "sb": False, "ovs": True})
     text = ctl.render_status(sick)
