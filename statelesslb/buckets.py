@@ -409,10 +409,12 @@ class NbReconciler:
         """reconcile_nb(all LBs of nb, nb, now); `changed`: LB uuids changed since the
         last call (None: unknown)."""
         lbs = nb.load_balancers
-        topology, index, topology_changed = self._topology.get(nb)
-        validation = self._validation.scope(nb, topology)
-        full = changed is None or topology_changed or self._claims is None
-        todo: set[str] = set(lbs) if full else {u for u in changed if u in lbs}
+        topology = self._topology.get(nb)
+        index = topology.index
+        validation = self._validation.scope(nb, topology.key)
+        full = changed is None or topology.changed or self._claims is None
+        todo: set[str] = set(lbs) if full else {
+            u for u in (*changed, *topology.moved) if u in lbs}
         claims = self._claims
         if full or any(_claim_key(lbs.get(u)) != self._claim_keys.get(u) for u in changed):
             claims = _claim_vip_ids(list(lbs.values()))

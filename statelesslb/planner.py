@@ -387,14 +387,18 @@ class IncrementalPlanner:
         update (None: unknown, every LB is looked at)."""
         _check_tables(snapshot.tables, self.config)
         nb = snapshot.nb
-        topology, index, _ = self._topology.get(nb)
-        validation = self._validation.scope(nb, topology)
-        context_changed = self._check_context(snapshot, topology)
+        topology = self._topology.get(nb)
+        index = topology.index
+        validation = self._validation.scope(nb, topology.key)
+        context_changed = self._check_context(snapshot, topology.key)
         rows = nb.load_balancers if isinstance(nb.load_balancers, Mapping) else {}
+        # Attached to or detached from a router: its row is the same, its plan is not.
+        forced = topology.moved
         if context_changed or changed is None:
             todo = set(self._parts) | {u for u in rows if isinstance(u, str)}
         else:
-            todo = set(changed) | {u for u, until in self._windows.items() if until <= now}
+            todo = set(changed) | forced | {
+                u for u, until in self._windows.items() if until <= now}
 
         replaced: dict[str, _Part | None] = {}
         for uuid in todo:
@@ -405,8 +409,8 @@ class IncrementalPlanner:
                     replaced[uuid] = None
                 continue
             open_window = _window_open(lb, now)
-            if (old is not None and not context_changed and old.open_window == open_window
-                    and _same_row(old.lb, lb)):
+            if (old is not None and not context_changed and uuid not in forced
+                    and old.open_window == open_window and _same_row(old.lb, lb)):
                 continue
             status, candidate, until = _plan_lb(lb, nb, index, snapshot, self.config, now,
                                                 validation)

@@ -147,6 +147,14 @@ def same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
+@dataclass(frozen=True)
+class TopologyState:
+    key: object                  # topology_key(nb), None when unusable (unhashable)
+    index: TopologyIndex
+    changed: bool                # the topology differs from the previous call's
+    moved: frozenset[str]        # LBs attached to or detached from a router since then
+
+
 class TopologyCache:
     """topology_key() and index_topology() of the latest NB view, once per topology.
 
@@ -154,31 +162,39 @@ class TopologyCache:
     topology row changes; recognising them by identity spares a pass over every
     router, port and switch on each LB change. Other views (tests build new
     mappings each time) are compared by value, so the answer is always right.
+    Attaching an LB to a router is not a topology change: it names that LB in
+    `moved`, so adding one LB does not re-plan the others.
     """
 
     def __init__(self) -> None:
         self._source: tuple[object, ...] = ()
         self._key: object = None
         self._index: TopologyIndex | None = None
+        self._routers_of: dict[str, tuple[str, ...]] = {}
 
-    def get(self, nb: NbView) -> tuple[object, TopologyIndex, bool]:
-        """(topology_key or None, index, whether the topology differs from last call)."""
+    def get(self, nb: NbView) -> TopologyState:
         source = (nb.routers, nb.router_ports, nb.switches, nb.switch_ports)
         if self._index is not None and same_objects(source, self._source):
-            return self._key, self._index, False
+            return TopologyState(self._key, self._index, False, frozenset())
         key = safe_topology_key(nb)
         changed = key is None or key != self._key or self._index is None
-        if changed:
-            self._index = index_topology(nb)
-        self._source, self._key = source, key
-        return key, self._index, changed
+        index = index_topology(nb)
+        routers_of = {lb: routers_of_lb(index, lb) for lb in index.routers_by_lb}
+        moved = frozenset(u for u in routers_of.keys() | self._routers_of.keys()
+                          if routers_of.get(u) != self._routers_of.get(u))
+        self._source, self._key, self._index, self._routers_of = source, key, index, routers_of
+        return TopologyState(key, index, changed, moved)
+
+
+def routers_of_lb(index: TopologyIndex, lb_uuid: object) -> tuple[str, ...]:
+    """Uuids of the routers an LB is attached to."""
+    return tuple(_as_str(r.uuid) for r in index.routers_by_lb.get(lb_uuid, ()))
 
 
 def topology_key(nb: NbView) -> object:
-    """Everything of the NB but the load balancers, as one hashable value."""
+    """Everything of the NB but the load balancers and their attachments, hashable."""
     return (
-        frozenset((r.uuid, r.name, tuple(r.ports), tuple(r.load_balancers))
-                  for r in nb.routers.values()),
+        frozenset((r.uuid, r.name, tuple(r.ports)) for r in nb.routers.values()),
         frozenset(nb.router_ports.values()),
         frozenset((s.uuid, s.name, tuple(s.ports)) for s in nb.switches.values()),
         frozenset((p.uuid, p.name, p.type, tuple(p.addresses), frozenset(p.options.items()))
@@ -214,9 +230,13 @@ class ValidationMemo:
         """validate_lb(lb, nb, index) for the `nb` given to the last scope()."""
         if self._topology is None:
             return validate_lb(lb, nb, index)
+        if index is None:
+            index = index_topology(nb)
         try:
+            # The topology key leaves out which routers hold which LB: this LB's are here.
             key = (lb.uuid, lb.name, lb.protocol, frozenset(lb.vips.items()),
-                   frozenset(lb.options.items()), frozenset(lb.ip_port_mappings.items()))
+                   frozenset(lb.options.items()), frozenset(lb.ip_port_mappings.items()),
+                   routers_of_lb(index, lb.uuid))
             hash(key)
         except Exception:
             return validate_lb(lb, nb, index)

@@ -43,7 +43,7 @@ PERSISTENCE = [
     {PERSISTENCE_OPTION: "affinity,second-chance", WINDOW_OPTION: "60"},
 ]
 OPS = ["backends", "backends", "remove", "drain", "persistence", "write", "write",
-       "tamper", "rename", "time", "bind", "unmark"]
+       "tamper", "rename", "time", "bind", "unmark", "detach"]
 
 steps = st.lists(
     st.tuples(st.sampled_from(OPS), st.integers(0, 3), st.integers(0, 15),
@@ -109,6 +109,12 @@ class World:
             old = topo.port_bindings[VMS[c]]
             topo.port_bindings[VMS[c]] = SbPortBinding(
                 old.logical_port, old.tunnel_key, old.datapath_key, CHASSIS[b % 4])
+        elif op == "detach":     # off the router or back on: the LB row stays as it is
+            router = topo.routers[topo.router_uuid("lr0")]
+            attached = tuple(u for u in router.load_balancers if u != uuid)
+            if attached == router.load_balancers:
+                attached += (uuid,)
+            topo.routers[router.uuid] = dataclasses.replace(router, load_balancers=attached)
         elif op == "unmark":
             options = dict(lb.options)
             if options.pop(MODE_OPTION, None) is None:
