@@ -83,7 +83,7 @@ def main() -> None:
         controller = sb.processes["gw1/ovn-controller"].pid
         backends = [f"{vm.ip}:8080" for vm in topo.vms]
         print(f"{'LBs':>6} {'install s':>10} {'change ms':>10} {'agent work ms':>14} "
-              f"{'ovs-ofctl ms':>13} {'agent CPU s':>12} "
+              f"{'ovs-ofctl ms':>13} {'notice->done ms':>16} {'agent CPU s':>12} "
               f"{'agent RSS MiB':>14} | {'native install s':>17} {'native change ms':>17} "
               f"{'ovn-controller CPU s':>21}")
         for n in sizes:
@@ -94,7 +94,7 @@ def main() -> None:
             wait_until(lambda n=n: group_count(gw, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF) >= n,
                        900, 0.2, f"{n} stateless groups on gw1")
             install = time.monotonic() - start
-            changes, own, bundle = [], [], []
+            changes, own, bundle, noticed = [], [], [], []
             for k in range(5):
                 name = f"s{(k // 2 * 7) % n}"   # remove a backend, then add it back
                 vip_ids, _ids = lb_ids(sb, name)
@@ -112,6 +112,7 @@ def main() -> None:
                 time.sleep(0.1)   # let the agent finish its iteration before asking
                 laps = json.loads(agent_ctl(sb, "gw1", "status"))["last_apply_ms"]
                 own.append(laps["total"] - laps["bundle"])
+                noticed.append(laps.get("since_notice", float("nan")))
                 bundle.append(laps["bundle"])
             time.sleep(1)
             used = cpu_seconds(agent) - cpu0
@@ -145,6 +146,7 @@ def main() -> None:
             wait_until(lambda: native_vips(gw) == 0, 900, 0.2, "native flows removed")
             print(f"{n:>6} {install:>10.2f} {statistics.median(changes) * 1000:>10.0f} "
                   f"{statistics.median(own):>14.1f} {statistics.median(bundle):>13.1f} "
+                  f"{statistics.median(noticed):>16.1f} "
                   f"{used:>12.2f} {rss:>14.1f} | {native:>17.2f} "
                   f"{statistics.median(native_changes) * 1000:>17.0f} {native_cpu:>21.2f}",
                   flush=True)
@@ -152,6 +154,8 @@ def main() -> None:
               "one LB removed or re-added -> gw1's group shows it (median of 5); "
               "agent work: the agent's iteration that applied it (NB read, NB write, "
               "plan, diff) without ovs-ofctl: the `ovs-ofctl bundle` it ran; "
+              "notice->done: from the IDL's first notice of the change to the bundle "
+              "done (20 ms debounce included); "
               "persistence=hash, so no two-phase settle second")
 
 

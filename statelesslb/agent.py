@@ -72,6 +72,7 @@ class Agent:
         # LB uuids changed since the planner / the NB writer last looked (None: all).
         self._plan_changes: frozenset[str] | None = None
         self._writer_changes: frozenset[str] | None = None
+        self._noticed_at: float | None = None   # first NB change notice not yet applied
         self._next_periodic = 0.0
         self._retry_at: float | None = None
         slb = conf.statelesslb
@@ -262,6 +263,10 @@ class Agent:
             if lines:
                 self.ofctl.bundle(lines)
                 clock.lap("bundle")
+                if self._noticed_at is not None:
+                    # From the first NB change notice it applies to: includes the debounce.
+                    clock.laps["since_notice"] = round(
+                        (time.monotonic() - self._noticed_at) * 1000, 2)
                 self.status.last_apply_ms = clock.laps
                 self.status.bundles_applied += 1
                 self.status.last_apply = time.time()
@@ -269,6 +274,7 @@ class Agent:
                          len(lines), len(plan.flows), len(plan.groups))
                 for line in lines:
                     LOG.debug("  %s", line)
+            self._noticed_at = None
             diff.record(plan, self._installed, touched_flows, touched_groups)
             self._recorded = plan
             self.status.flows_installed = len(self._installed.flows)
@@ -285,6 +291,9 @@ class Agent:
         """The NB view; the LBs it changed are queued for the planner and the writer."""
         nb_view, changed = self.nb_reader.read(everything)
         self.status.missed_changes = self.nb_reader.missed_changes
+        noticed = self.nb_reader.noticed_at
+        if noticed is not None and (self._noticed_at is None or noticed < self._noticed_at):
+            self._noticed_at = noticed
         self._plan_changes = _union(self._plan_changes, changed)
         self._writer_changes = _union(self._writer_changes, changed)
         return nb_view

@@ -11,6 +11,7 @@ without reporting deletions (python-ovs clears it silently).
 from __future__ import annotations
 
 import logging
+import time
 import uuid as uuid_lib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class Changes:
 
     rows: dict[str, set[uuid_lib.UUID]] = field(default_factory=dict)   # table -> uuids
     everything: bool = True    # reconnected (or never read): re-read every row
+    first_at: float | None = None   # time.monotonic() of the first notice among them
 
 
 class WatchedIdl(connection.OvsdbIdl):
@@ -79,6 +81,8 @@ class WatchedIdl(connection.OvsdbIdl):
         # Runs inside Idl.run(), under the connection lock, before ovsdbapp hands the
         # event to its own thread: a reader holding the lock sees rows and marks agree.
         self.changes.rows.setdefault(row._table.name, set()).add(row.uuid)
+        if self.changes.first_at is None:
+            self.changes.first_at = time.monotonic()
         self.handler.notify(event, row, updates)
 
     def run(self):
@@ -262,6 +266,8 @@ class NbReader:
     def __init__(self, watcher: Watcher):
         self.watcher = watcher
         self.missed_changes = 0
+        # time.monotonic() of the first change notice behind the last read, if any.
+        self.noticed_at: float | None = None
         self._lbs: dict[str, model.NbLoadBalancer] = {}
         self._topology: tuple[dict, dict, dict, dict] | None = None
 
@@ -269,6 +275,7 @@ class NbReader:
         """(the view, uuids of the LBs changed since the last read; None: maybe all)."""
         with self.watcher.connection.lock:
             changes = self.watcher.take_changes()
+            self.noticed_at = changes.first_at
             lb_rows = self.watcher.idl.tables["Load_Balancer"].rows
             touched = changes.rows.get("Load_Balancer", set())
             changed: frozenset[str] | None
