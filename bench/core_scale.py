@@ -26,6 +26,7 @@ from statelesslb import diff  # noqa: E402
 from statelesslb.buckets import NbReconciler, reconcile_nb  # noqa: E402
 from statelesslb.model import PERSISTENCE_OPTION, Snapshot  # noqa: E402
 from statelesslb.planner import IncrementalPlanner, PlanConfig, plan  # noqa: E402
+from statelesslb.validate import ValidationMemo  # noqa: E402
 from tests.unit.factories import TABLES, Topo  # noqa: E402
 
 
@@ -37,6 +38,8 @@ def build(n: int) -> tuple[Topo, list[str]]:
     for i in range(16):
         topo.add_vif("ls0", f"vm{i}", f"50:54:00:00:01:{i:02x}", f"10.0.0.{11 + i}", "hv1")
         backends.append(f"10.0.0.{11 + i}:8080")
+    # A VM no LB uses: its moves and neighbours should cost the LBs nothing.
+    topo.add_vif("ls0", "other", "50:54:00:00:02:01", "10.0.1.1", "hv2")
     for i in range(n):
         lb = topo.add_lb(f"s{i}", {f"172.20.{i // 250}.{1 + i % 250}:80": ",".join(backends)})
         topo.update_lb(lb.name, options={**lb.options, PERSISTENCE_OPTION: "hash"})
@@ -58,7 +61,9 @@ def measure(n: int, changes: int) -> tuple[float, float]:
     sb = topo.sb()
     base = topo.nb()
     config = PlanConfig()
-    reconciler, planner = NbReconciler(), IncrementalPlanner(config)
+    validation = ValidationMemo()    # shared, as in the agent
+    reconciler = NbReconciler(validation)
+    planner = IncrementalPlanner(config, validation)
 
     def view():
         # As the NbReader: new LB mapping, the same topology mappings.
@@ -97,7 +102,27 @@ def measure(n: int, changes: int) -> tuple[float, float]:
         full_installed = diff.state_after(whole, full_installed)
         scratch.append(time.perf_counter() - t0)
         assert lines and sorted(lines) == sorted(full_lines), (lines, full_lines)
-    return statistics.median(incremental), statistics.median(scratch)
+    # Not an LB change: the VM nobody balances to moves (SB), then a port is added
+    # next to it (NB topology). Writer and planner, as the agent runs them.
+    moves, ports = [], []
+    for k in range(5):
+        binding = topo.port_bindings["other"]
+        topo.port_bindings["other"] = dataclasses.replace(
+            binding, chassis="hv1" if binding.chassis == "hv2" else "hv2")
+        sb = topo.sb()
+        t0 = time.perf_counter()
+        reconciler.reconcile(view(), now, frozenset())
+        planner.update(Snapshot(view(), sb, "gw1", TABLES), now, frozenset())
+        moves.append(time.perf_counter() - t0)
+        topo.add_vif("ls0", f"new{k}", f"50:54:00:00:03:{k:02x}", f"10.0.2.{k + 1}", "hv2")
+        base = topo.nb()
+        sb = topo.sb()
+        t0 = time.perf_counter()
+        reconciler.reconcile(view(), now, frozenset())
+        planner.update(Snapshot(view(), sb, "gw1", TABLES), now, frozenset())
+        ports.append(time.perf_counter() - t0)
+    return (statistics.median(incremental), statistics.median(scratch),
+            statistics.median(moves), statistics.median(ports))
 
 
 def main() -> None:
@@ -105,13 +130,17 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,100,1000,5000")
     ap.add_argument("--changes", type=int, default=21)
     args = ap.parse_args()
-    print(f"{'LBs':>6} {'incremental ms':>15} {'from scratch ms':>16} {'ratio':>7}")
+    print(f"{'LBs':>6} {'incremental ms':>15} {'from scratch ms':>16} {'ratio':>7} | "
+          f"{'other VM moved ms':>18} {'port added ms':>14}")
     for n in (int(x) for x in args.sizes.split(",")):
-        inc, full = measure(n, args.changes)
-        print(f"{n:>6} {inc * 1000:>15.2f} {full * 1000:>16.2f} {full / inc:>7.1f}",
-              flush=True)
+        inc, full, moved, added = measure(n, args.changes)
+        print(f"{n:>6} {inc * 1000:>15.2f} {full * 1000:>16.2f} {full / inc:>7.1f} | "
+              f"{moved * 1000:>18.2f} {added * 1000:>14.2f}", flush=True)
     print("\none backend change of one LB (median): NB writer pass + write + writer pass, "
-          "planning, diff; the bundle lines of both ways are checked equal")
+          "planning, diff; the bundle lines of both ways are checked equal.\n"
+          "other VM moved: an SB binding no LB reads changes; port added: a VIF with a new "
+          "address appears on the backends' switch (an NB topology change that no LB's "
+          "validation read); both as the agent runs them (writer pass and planning)")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from statelesslb import buckets, config, diff, nbwriter, planner, tables, watche
 from statelesslb.ctlserver import CtlServer
 from statelesslb.model import Snapshot, TableLayout
 from statelesslb.openflow import InstalledState, Ofctl, OfctlError
+from statelesslb.validate import ValidationMemo
 from statelesslb.wipe import WipeMonitor
 
 LOG = logging.getLogger("statelesslb.agent")
@@ -85,7 +86,9 @@ class Agent:
             private_table_base=slb.private_table_base,
             gateway_zone=slb.gateway_zone,
         )
-        self.planner = planner.IncrementalPlanner(self.plan_config)
+        # One validation memo for the NB writer and the planner: validated once per change.
+        self.validation = ValidationMemo()
+        self.planner = planner.IncrementalPlanner(self.plan_config, self.validation)
         self.ovs = self.nb = self.sb = None
         self.ofctl: Ofctl | None = None
         self.monitor: WipeMonitor | None = None
@@ -143,7 +146,7 @@ class Agent:
         self.nb_reader = watchers.NbReader(self.nb)
         self.sb_reader = watchers.SbReader(self.sb)
         if conf.statelesslb.nb_writer:
-            self.writer = nbwriter.NbWriter(self.nb)
+            self.writer = nbwriter.NbWriter(self.nb, self.validation)
         self.ofctl = Ofctl(target, conf.ovs.ofctl_path, conf.ovs.ofctl_timeout)
         self.monitor = WipeMonitor(
             target, conf.statelesslb.sentinel_table, self._on_wipe, conf.ovs.ofctl_path

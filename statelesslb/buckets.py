@@ -32,14 +32,17 @@ from statelesslb.model import (
 )
 from statelesslb.ofstrings import is_plain_int
 from statelesslb.validate import (
+    Dependents,
     LbError,
     TopologyCache,
     TopologyIndex,
     ValidationMemo,
+    ValidLb,
     canonical_endpoint_key,
     index_topology,
     is_marked,
     show,
+    topology_deps,
 )
 
 # The writer sees every marked LB on every change: validate each one only when it changed.
@@ -391,13 +394,15 @@ class NbReconciler:
     topology change, or `changed=None`, evaluates every LB.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, validation: ValidationMemo | None = None) -> None:
         self._topology = TopologyCache()
-        self._validation = ValidationMemo()
+        # The agent shares one memo with its planner: a topology change validates once.
+        self._validation = validation or ValidationMemo()
         self._claims: _ClaimedVipIds | None = None
         self._claim_keys: dict[str, object] = {}
         self._unwritten: set[str] = set()       # last result non-empty
         self._settling: dict[str, float] = {}   # phase 1 published: uuid -> phase 2 due
+        self._topology_readers = Dependents()    # topology each marked LB's validation read
 
     def next_due(self) -> float | None:
         """Unix time at which a settling LB may need its phase 2 written."""
@@ -412,9 +417,14 @@ class NbReconciler:
         topology = self._topology.get(nb)
         index = topology.index
         validation = self._validation.scope(nb, topology.key)
-        full = changed is None or topology.changed or self._claims is None
+        full = (changed is None or self._claims is None
+                or (topology.changed and topology.changes is None))
         todo: set[str] = set(lbs) if full else {
             u for u in (*changed, *topology.moved) if u in lbs}
+        if topology.changed and topology.changes is not None and not full:
+            # The LBs whose validation read what the change touched.
+            todo.update(u for u in self._topology_readers.of(topology.changes.keys())
+                        if u in lbs)
         claims = self._claims
         if full or any(_claim_key(lbs.get(u)) != self._claim_keys.get(u) for u in changed):
             claims = _claim_vip_ids(list(lbs.values()))
@@ -431,7 +441,17 @@ class NbReconciler:
 
         self._unwritten = set(changes)
         if full:
-            self._settling = {}
+            self._settling, self._topology_readers = {}, Dependents()
+        for u in todo:
+            valid = validation.validate(lbs[u], nb, index) if is_marked(lbs[u]) else None
+            if valid is None:
+                self._topology_readers.discard(u)
+            else:   # the memo's result: no second validation
+                self._topology_readers.set(
+                    u, topology_deps(valid) if isinstance(valid, ValidLb) else None)
+        for u in changed or ():
+            if u not in lbs:
+                self._topology_readers.discard(u)
         for u in (set(self._settling) - lbs.keys()) | todo:
             due = settling(lbs[u], now) if u in lbs else None
             if due is None:

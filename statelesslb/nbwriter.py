@@ -15,15 +15,16 @@ from collections.abc import Set
 
 from statelesslb import buckets
 from statelesslb.model import EXT_ACTIVE, EXT_PREVIOUS, NbView
+from statelesslb.validate import ValidationMemo
 from statelesslb.watchers import Watcher
 
 LOG = logging.getLogger(__name__)
 
 
 class NbWriter:
-    def __init__(self, watcher: Watcher):
+    def __init__(self, watcher: Watcher, validation: ValidationMemo | None = None):
         self.watcher = watcher
-        self.reconciler = buckets.NbReconciler()
+        self.reconciler = buckets.NbReconciler(validation)
         self.writes = 0
         self.last_error: str | None = None
 

@@ -56,8 +56,10 @@ from statelesslb.ofstrings import (
     mac_text,
 )
 from statelesslb.validate import (
+    Dependents,
     LbError,
     TopologyCache,
+    TopologyState,
     ValidationMemo,
     ValidBackend,
     ValidLb,
@@ -68,6 +70,7 @@ from statelesslb.validate import (
     parse_window,
     same_objects,
     show,
+    topology_deps,
 )
 
 # Identical on every gateway: the hash, and so the chosen backend, must agree.
@@ -351,6 +354,9 @@ class _Part:
     status: LbPlanStatus | None       # set when the LB plans nothing (invalid, pending ids)
     candidate: _Candidate | None
     until: float | None               # when its second-chance window closes
+    sb_reads: frozenset[object] = frozenset()   # SB keys its plan looked up
+    # What its validation read of the topology; None: anything (it failed validation).
+    topology_deps: frozenset[object] | None = None
 
     @property
     def order(self) -> tuple[str, str]:
@@ -370,14 +376,18 @@ class IncrementalPlanner:
     property test holds it to that.
     """
 
-    def __init__(self, config: PlanConfig | None = None):
+    def __init__(self, config: PlanConfig | None = None,
+                 validation: ValidationMemo | None = None):
         self.config = config or PlanConfig()
         self._topology = TopologyCache()
-        self._validation = ValidationMemo()
+        self._validation = validation or ValidationMemo()
         self._context_source: tuple[object, ...] = ()
         self._context: object = None
         self._parts: dict[str, _Part] = {}
         self._windows: dict[str, float] = {}     # uuid -> until, open windows only
+        self._sb: SbView | None = None
+        self._sb_readers = Dependents()     # SB keys each LB's plan looked up
+        self._topology_readers = Dependents()   # topology each LB's validation read
         self._sentinel = sentinel_flow(self.config)
         self._merged = _Merged(self._sentinel)
 
@@ -390,10 +400,22 @@ class IncrementalPlanner:
         topology = self._topology.get(nb)
         index = topology.index
         validation = self._validation.scope(nb, topology.key)
-        context_changed = self._check_context(snapshot, topology.key)
+        context_changed = self._check_context(snapshot, topology)
         rows = nb.load_balancers if isinstance(nb.load_balancers, Mapping) else {}
-        # Attached to or detached from a router: its row is the same, its plan is not.
-        forced = topology.moved
+        # Attached to or detached from a router, or on a router a topology change
+        # concerns: its row is the same, its plan may not be. Likewise for the LBs
+        # whose plans read SB bindings that changed. LBs that plan nothing (invalid or
+        # waiting) are few and may wait for anything: they are looked at again too.
+        forced = set(topology.moved)
+        if topology.changed and topology.changes is not None:
+            forced.update(self._topology_readers.of(topology.changes.keys()))
+        if snapshot.sb is not self._sb:
+            sb_changed = _sb_changes(self._sb, snapshot.sb)
+            self._sb = snapshot.sb
+            if sb_changed is None:
+                context_changed = True
+            elif sb_changed:
+                forced.update(self._sb_readers.of((*sb_changed, _READ_ALL)))
         if context_changed or changed is None:
             todo = set(self._parts) | {u for u in rows if isinstance(u, str)}
         else:
@@ -412,18 +434,28 @@ class IncrementalPlanner:
             if (old is not None and not context_changed and uuid not in forced
                     and old.open_window == open_window and _same_row(old.lb, lb)):
                 continue
-            status, candidate, until = _plan_lb(lb, nb, index, snapshot, self.config, now,
+            reads: set[object] = set()
+            recording = Snapshot(nb, _recording_sb(snapshot.sb, reads), snapshot.chassis,
+                                 snapshot.tables)
+            status, candidate, until = _plan_lb(lb, nb, index, recording, self.config, now,
                                                 validation)
-            replaced[uuid] = _Part(lb, open_window, status, candidate, until)
+            valid = validation.validate(lb, nb, index)   # the memo's: no second pass
+            replaced[uuid] = _Part(lb, open_window, status, candidate, until,
+                                   frozenset(reads),
+                                   topology_deps(valid) if isinstance(valid, ValidLb) else None)
         if not replaced and not context_changed:
             return PlanUpdate(self._merged.plan(self._windows), frozenset(), frozenset(),
                               frozenset())
 
         for uuid, part in replaced.items():
             if part is None:
-                self._parts.pop(uuid)
+                self._parts.pop(uuid, None)
+                self._sb_readers.discard(uuid)
+                self._topology_readers.discard(uuid)
             else:
                 self._parts[uuid] = part
+                self._sb_readers.set(uuid, part.sb_reads)
+                self._topology_readers.set(uuid, part.topology_deps)
             if part is not None and part.candidate is not None and part.until is not None:
                 self._windows[uuid] = part.until
             else:
@@ -436,21 +468,21 @@ class IncrementalPlanner:
         return PlanUpdate(merged.plan(self._windows), frozenset(merged.touched_flows),
                           frozenset(merged.touched_groups), frozenset(replaced))
 
-    def _check_context(self, snapshot: Snapshot, topology: object) -> bool:
-        """Whether anything but the LBs changed since the last update."""
-        nb = snapshot.nb
-        source = (nb.routers, nb.router_ports, nb.switches, nb.switch_ports, snapshot.sb,
-                  snapshot.chassis, snapshot.tables)
+    def _check_context(self, snapshot: Snapshot, topology: TopologyState) -> bool:
+        """Whether every LB must be planned again: new chassis or tables, or a
+        topology change whose reach cannot be told."""
+        unknown_reach = topology.key is None or (topology.changed and topology.changes is None)
+        source = (snapshot.chassis, snapshot.tables)
         if self._context is not None and same_objects(source, self._context_source):
-            return False
+            return unknown_reach
         try:
-            context = (topology, _sb_key(snapshot.sb), snapshot.chassis, snapshot.tables)
+            context = (snapshot.chassis, snapshot.tables)
             hash(context)
         except Exception:
             context = None
-        changed = topology is None or context is None or context != self._context
+        changed = context is None or context != self._context
         self._context_source, self._context = source, context
-        return changed
+        return changed or unknown_reach
 
 
 def _same_row(a: NbLoadBalancer, b: NbLoadBalancer) -> bool:
@@ -631,8 +663,61 @@ def _previous_since(text: object) -> float | None:
     return previous[0] if previous is not None else None
 
 
-def _sb_key(sb: SbView) -> object:
-    return (frozenset(sb.datapath_keys.items()), frozenset(sb.port_bindings.values()))
+# An SB key read by iterating a whole mapping: any SB change may matter.
+_READ_ALL = ("all",)
+
+
+class _RecordedMapping(Mapping):
+    """A read-only mapping that notes the keys looked up in it: an LB's SB dependencies."""
+
+    def __init__(self, data: object, kind: str, reads: set[object]):
+        self._data = data if isinstance(data, Mapping) else {}
+        self._kind, self._reads = kind, reads
+
+    def _note(self, key: object) -> None:
+        try:
+            self._reads.add((self._kind, key))
+        except TypeError:
+            self._reads.add(_READ_ALL)
+
+    def __getitem__(self, key):
+        self._note(key)
+        return self._data[key]
+
+    def get(self, key, default=None):
+        self._note(key)
+        return self._data.get(key, default)
+
+    def __iter__(self):
+        self._reads.add(_READ_ALL)
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        self._reads.add(_READ_ALL)
+        return len(self._data)
+
+
+def _recording_sb(sb: SbView, reads: set[object]) -> SbView:
+    return SbView(_RecordedMapping(sb.datapath_keys, "datapath", reads),
+                  _RecordedMapping(sb.port_bindings, "port", reads))
+
+
+def _sb_changes(old: SbView | None, new: SbView) -> set[object] | None:
+    """The SB keys whose values differ (as _RecordedMapping names them); None: unknown."""
+    if old is None:
+        return None
+    changed: set[object] = set()
+    try:
+        for kind, before, after in (("datapath", old.datapath_keys, new.datapath_keys),
+                                    ("port", old.port_bindings, new.port_bindings)):
+            if before is after:
+                continue
+            for key in before.keys() | after.keys():
+                if before.get(key) != after.get(key):
+                    changed.add((kind, key))
+    except Exception:
+        return None
+    return changed
 
 
 def _summary(reasons: list[str], shown: int = 5) -> str:

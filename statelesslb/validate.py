@@ -11,9 +11,10 @@ dictionary lookups and operator messages, never for flow text.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
@@ -148,11 +149,27 @@ def same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
 
 
 @dataclass(frozen=True)
+class TopologyChanges:
+    """What a topology change touched, in the terms of topology_deps()."""
+
+    routers: frozenset[str]      # router rows, their ports, or what plugs into them
+    ips: frozenset[object]       # IPs whose announcing ports changed, on any switch
+    lsps: frozenset[str]         # switch ports changed, moved, or whose MACs changed
+
+    def keys(self) -> set[tuple[str, object]]:
+        return ({("router", r) for r in self.routers} | {("ip", i) for i in self.ips}
+                | {("lsp", p) for p in self.lsps})
+
+
+@dataclass(frozen=True)
 class TopologyState:
     key: object                  # topology_key(nb), None when unusable (unhashable)
     index: TopologyIndex
     changed: bool                # the topology differs from the previous call's
     moved: frozenset[str]        # LBs attached to or detached from a router since then
+    # When `changed`: what the change touched; None when that cannot be told (then
+    # every LB must be validated again).
+    changes: TopologyChanges | None = None
 
 
 class TopologyCache:
@@ -163,13 +180,16 @@ class TopologyCache:
     router, port and switch on each LB change. Other views (tests build new
     mappings each time) are compared by value, so the answer is always right.
     Attaching an LB to a router is not a topology change: it names that LB in
-    `moved`, so adding one LB does not re-plan the others.
+    `moved`, so adding one LB does not re-plan the others. A topology change says
+    what it touched (`changes`); with topology_deps() the callers find the LBs
+    whose validation may differ.
     """
 
     def __init__(self) -> None:
         self._source: tuple[object, ...] = ()
         self._key: object = None
         self._index: TopologyIndex | None = None
+        self._nb: NbView | None = None
         self._routers_of: dict[str, tuple[str, ...]] = {}
 
     def get(self, nb: NbView) -> TopologyState:
@@ -182,8 +202,100 @@ class TopologyCache:
         routers_of = {lb: routers_of_lb(index, lb) for lb in index.routers_by_lb}
         moved = frozenset(u for u in routers_of.keys() | self._routers_of.keys()
                           if routers_of.get(u) != self._routers_of.get(u))
+        changes = None
+        if changed and key is not None and self._nb is not None and self._index is not None:
+            changes = _topology_changes(self._nb, self._index, nb, index)
         self._source, self._key, self._index, self._routers_of = source, key, index, routers_of
-        return TopologyState(key, index, changed, moved)
+        self._nb = nb
+        return TopologyState(key, index, changed, moved, changes)
+
+
+def topology_deps(valid: ValidLb) -> frozenset[tuple[str, object]]:
+    """What a valid LB's validation read of the topology, as TopologyChanges keys.
+
+    Its router (the router's ports, and the switches plugged into them, are the
+    router's), each backend's IP (the ports announcing it on those switches) and
+    each backend's port (the switches listing it, its MACs, its type).
+    """
+    deps: set[tuple[str, object]] = {("router", valid.router_uuid)}
+    for vip in valid.vips:
+        for backend in vip.backends:
+            deps.add(("ip", backend.ip))
+            deps.add(("lsp", backend.lsp_name))
+    return frozenset(deps)
+
+
+def _changed_keys(before: Mapping, after: Mapping) -> set:
+    return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+
+
+def _topology_changes(old_nb: NbView, old: TopologyIndex,
+                      new_nb: NbView, new: TopologyIndex) -> TopologyChanges | None:
+    """What changed between two topologies, or None (a fuzzer's odd values)."""
+    try:
+        lrps = _changed_keys(old_nb.router_ports, new_nb.router_ports)
+        routers = {
+            u for u in old_nb.routers.keys() | new_nb.routers.keys()
+            if _router_shape(old_nb.routers.get(u)) != _router_shape(new_nb.routers.get(u))}
+        for view in (old_nb, new_nb):
+            for router in view.routers.values():
+                if not lrps.isdisjoint(_str_tuple(router.ports)):
+                    routers.add(_as_str(router.uuid))
+        routers.update(_changed_keys(old.attachments, new.attachments))
+        ips: set[object] = set()
+        for switch in old.addresses.keys() | new.addresses.keys():
+            ips.update(_changed_keys(old.addresses.get(switch, {}),
+                                     new.addresses.get(switch, {})))
+        lsps = (_changed_keys(old_nb.switch_ports, new_nb.switch_ports)
+                | _changed_keys(old.switches_of_lsp, new.switches_of_lsp)
+                | _changed_keys(old.macs_of_lsp, new.macs_of_lsp))
+        return TopologyChanges(frozenset(routers), frozenset(ips), frozenset(lsps))
+    except Exception:    # a fuzzer's view: unhashable or odd values
+        return None
+
+
+def _router_shape(router: object) -> object:
+    """A router as validation sees it: everything but its LB list."""
+    if not isinstance(router, NbRouter):
+        return router
+    return (router.uuid, router.name, router.ports)
+
+
+class Dependents:
+    """Which LBs read which keys (topology or SB), kept in step LB by LB.
+
+    An LB whose keys are unknown (None: an invalid LB, whose error may name
+    anything) counts as reading every key.
+    """
+
+    def __init__(self) -> None:
+        self._by_key: dict[object, set[str]] = {}
+        self._keys: dict[str, frozenset[object]] = {}
+        self._anything: set[str] = set()
+
+    def set(self, uuid: str, keys: frozenset[object] | None) -> None:
+        self.discard(uuid)
+        if keys is None:
+            self._anything.add(uuid)
+            return
+        self._keys[uuid] = keys
+        for key in keys:
+            self._by_key.setdefault(key, set()).add(uuid)
+
+    def discard(self, uuid: str) -> None:
+        self._anything.discard(uuid)
+        for key in self._keys.pop(uuid, ()):
+            readers = self._by_key[key]
+            readers.discard(uuid)
+            if not readers:
+                del self._by_key[key]
+
+    def of(self, keys: Iterable[object]) -> set[str]:
+        """The LBs that read any of `keys`, and those that may read anything."""
+        found = set(self._anything)
+        for key in keys:
+            found.update(self._by_key.get(key, ()))
+        return found
 
 
 def routers_of_lb(index: TopologyIndex, lb_uuid: object) -> tuple[str, ...]:
@@ -317,6 +429,13 @@ def parse_endpoint(text: object) -> tuple[IpAddress, int] | str:
         return "is not a string"
     if len(text) > 64:
         return "is too long to be IP:port"
+    return _parse_endpoint_text(text)
+
+
+@functools.lru_cache(maxsize=262144)
+def _parse_endpoint_text(text: str) -> tuple[IpAddress, int] | str:
+    # Pure and hot: a topology change re-validates every LB, whose backends are
+    # mostly the same strings as before (ipaddress parsing dominated that cost).
     if parse_ip(text) is not None or (
         text.startswith("[") and text.endswith("]") and parse_ip(text[1:-1]) is not None
     ):

@@ -43,7 +43,8 @@ PERSISTENCE = [
     {PERSISTENCE_OPTION: "affinity,second-chance", WINDOW_OPTION: "60"},
 ]
 OPS = ["backends", "backends", "remove", "drain", "persistence", "write", "write",
-       "tamper", "rename", "time", "bind", "unmark", "detach"]
+       "tamper", "rename", "time", "bind", "unmark", "detach",
+       "port", "second_switch", "router_mac", "standby"]
 
 steps = st.lists(
     st.tuples(st.sampled_from(OPS), st.integers(0, 3), st.integers(0, 15),
@@ -62,6 +63,13 @@ class World:
         self.now = 1000.0
         self._nb: NbView | None = None
         self._sb: SbView | None = None
+
+    def populated(self) -> World:
+        """Two working LBs with their ids written: every step then acts on live state."""
+        self.apply("backends", 0, 0b0011, 1)
+        self.apply("backends", 1, 0b1100, 2)
+        self.write(reconcile_nb(self.topo.load_balancers.values(), self.topo.nb(), self.now))
+        return self
 
     def uuid(self, index: int) -> str:
         return f"uuid-lb-lb{index}"
@@ -86,6 +94,14 @@ class World:
                                           **PERSISTENCE[(a + c) % 4]})
             else:
                 self._replace(a, vips={next(iter(lb.vips), vip): backends})
+        elif op == "time":
+            self.now += b * 5.0
+        elif op == "bind":       # an SB change only: a VM moves to another chassis
+            old = topo.port_bindings[VMS[c]]
+            topo.port_bindings[VMS[c]] = SbPortBinding(
+                old.logical_port, old.tunnel_key, old.datapath_key, CHASSIS[b % 4])
+        elif op in ("port", "second_switch", "router_mac", "standby"):
+            self.change_topology(op, b, c)
         elif lb is None:
             return
         elif op == "remove":
@@ -103,12 +119,6 @@ class World:
             self._replace(a, external_ids={**lb.external_ids, EXT_VIP_IDS: f'{{"{vip}":{c + 1}}}'})
         elif op == "rename":
             self._replace(a, name=f"x{c}")
-        elif op == "time":
-            self.now += b * 5.0
-        elif op == "bind":
-            old = topo.port_bindings[VMS[c]]
-            topo.port_bindings[VMS[c]] = SbPortBinding(
-                old.logical_port, old.tunnel_key, old.datapath_key, CHASSIS[b % 4])
         elif op == "detach":     # off the router or back on: the LB row stays as it is
             router = topo.routers[topo.router_uuid("lr0")]
             attached = tuple(u for u in router.load_balancers if u != uuid)
@@ -120,6 +130,36 @@ class World:
             if options.pop(MODE_OPTION, None) is None:
                 options[MODE_OPTION] = "mac"
             self._replace(a, options=options)
+
+    def change_topology(self, op: str, b: int, c: int) -> None:
+        """NB topology changes no LB row sees: ports, switches, router ports."""
+        topo = self.topo
+        if op == "port":
+            # A new VIF; with b odd it announces a backend's IP too: that backend
+            # becomes ambiguous.
+            name = f"port{len(topo.switch_ports)}"
+            ip = VM_IPS[VMS[c]] if b % 2 else f"10.0.9.{len(topo.switch_ports)}"
+            topo.add_vif("ls0", name, f"50:54:00:00:09:{len(topo.switch_ports):02x}", ip,
+                         CHASSIS[b % 3])
+        elif op == "second_switch":
+            # A switch no router plugs into; it lists (or stops listing) a VM's port.
+            uuid = topo.switch_uuid("ls9")
+            if uuid not in topo.switches:
+                topo.add_switch("ls9", 9, router=None)
+            switch = topo.switches[uuid]
+            ports = tuple(p for p in switch.ports if p != VMS[c])
+            if ports == switch.ports:
+                ports += (VMS[c],)
+            topo.switches[uuid] = dataclasses.replace(switch, ports=ports)
+        elif op == "router_mac":
+            port = topo.router_ports["lr0-ls0"]
+            topo.router_ports["lr0-ls0"] = dataclasses.replace(
+                port, mac=f"00:00:00:00:ff:{2 + b % 3:02x}")
+        elif op == "standby":
+            port = topo.router_ports["lr0-public"]
+            chassis = ("gw1",) if port.gateway_chassis != ("gw1",) else ("gw1", "hv1")
+            topo.router_ports["lr0-public"] = dataclasses.replace(
+                port, gateway_chassis=chassis)
 
     def write(self, changes) -> None:
         for uuid, delta in changes.items():
@@ -158,7 +198,7 @@ def assert_installed_matches(installed: InstalledState, expected_plan) -> None:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps)
 def test_incremental_planner_equals_planning_from_scratch(ops):
-    world = World()
+    world = World().populated()
     config = PlanConfig()
     planners = {c: IncrementalPlanner(config) for c in ("gw1", "hv1", "hv2")}
     installed = {c: InstalledState(set(), {}, {}) for c in planners}
@@ -190,7 +230,7 @@ def test_incremental_planner_equals_planning_from_scratch(ops):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps)
 def test_nb_reconciler_equals_reconciling_every_lb(ops):
-    world = World()
+    world = World().populated()
     reconciler = NbReconciler()
     seen: dict = {}
     for op, a, b, c, write_all in ops:
@@ -231,3 +271,22 @@ def test_incremental_planner_names_only_what_moved():
     for other, group in first.plan.groups.items():
         if other != gid:
             assert update.plan.groups[other] is group
+
+
+def test_a_moved_vm_re_plans_only_the_lbs_it_backs():
+    """An SB change (a VM bound elsewhere) re-plans the LBs whose plans read that binding."""
+    world = World()
+    world.apply("backends", 0, 0b0011, 1)     # vm1, vm2
+    world.apply("backends", 1, 0b1000, 1)     # vm4
+    world.apply("backends", 2, 0b0001, 1)     # vm1
+    world.write(reconcile_nb(world.topo.load_balancers.values(), world.topo.nb(), world.now))
+    planner = IncrementalPlanner(PlanConfig())
+    nb = world.nb()
+    first = planner.update(Snapshot(nb, world.sb(), "hv1", TABLES), world.now)
+    world.apply("bind", 0, 1, 3)              # vm4: hv1 -> hv2
+    update = planner.update(Snapshot(world.nb(), world.sb(), "hv1", TABLES), world.now,
+                            frozenset())
+    assert update.lbs == {world.uuid(1)}
+    assert update.plan == plan(Snapshot(world.nb(), world.sb(), "hv1", TABLES), PlanConfig(),
+                               world.now)
+    assert len(update.plan.flows) < len(first.plan.flows)   # vm4's DNAT left hv1
