@@ -402,10 +402,9 @@ class IncrementalPlanner:
         validation = self._validation.scope(nb, topology.key)
         context_changed = self._check_context(snapshot, topology)
         rows = nb.load_balancers if isinstance(nb.load_balancers, Mapping) else {}
-        # Attached to or detached from a router, or on a router a topology change
-        # concerns: its row is the same, its plan may not be. Likewise for the LBs
-        # whose plans read SB bindings that changed. LBs that plan nothing (invalid or
-        # waiting) are few and may wait for anything: they are looked at again too.
+        # Attached to or detached from a router, or its validation read what a topology
+        # change touched (an invalid LB: anything): its row is the same, its plan may
+        # not be. Likewise for the LBs whose plans looked up SB bindings that changed.
         forced = set(topology.moved)
         if topology.changed and topology.changes is not None:
             forced.update(self._topology_readers.of(topology.changes.keys()))
