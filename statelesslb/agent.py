@@ -232,6 +232,9 @@ class Agent:
         if layout_stale or self._layout is None:
             self._refresh_layout()
         if self._layout is None:
+            if full:
+                with self._mutex:
+                    self._full_resync = True   # still owed once there is a layout
             self._schedule_retry(0.2)
             return
         snapshot = Snapshot(nb=nb_view, sb=self.sb_reader.read(),
