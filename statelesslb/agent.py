@@ -12,6 +12,7 @@ the periodic resync re-reads everything and compares it all.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -149,7 +150,8 @@ class Agent:
             self.writer = nbwriter.NbWriter(self.nb, self.validation)
         self.ofctl = Ofctl(target, conf.ovs.ofctl_path, conf.ovs.ofctl_timeout)
         self.monitor = WipeMonitor(
-            target, conf.statelesslb.sentinel_table, self._on_wipe, conf.ovs.ofctl_path
+            target, conf.statelesslb.sentinel_table, self._on_wipe, conf.ovs.ofctl_path,
+            run_dir=os.path.dirname(conf.unixctl_path) if conf.unixctl_path else None,
         )
         self.monitor.start()
         if conf.unixctl_path:

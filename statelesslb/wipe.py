@@ -33,6 +33,58 @@ def _die_with_parent() -> None:
         pass
 
 
+_DIR_PREFIX = "statelesslb-monitor."
+_SOCKET = "monitor.ctl"
+
+
+def _private_dir(run_dir: str | None) -> str:
+    """A 0700 directory for ovs-ofctl's control socket, which accepts `ofctl/send`
+    (any OpenFlow message to the bridge): only we may reach it.
+
+    In the agent's run directory it is named by our pid, and the directories of
+    agents that died without cleaning up (SIGKILL) are removed here.
+    """
+    if run_dir is None:
+        return tempfile.mkdtemp(prefix="slb-mon-")
+    for name in _listdir(run_dir):
+        pid = name.removeprefix(_DIR_PREFIX)
+        if name.startswith(_DIR_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            _remove_dir(os.path.join(run_dir, name))
+    path = os.path.join(run_dir, f"{_DIR_PREFIX}{os.getpid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True      # exists, not ours to signal
+    return True
+
+
+def _remove_dir(path: str) -> None:
+    for name in _listdir(path):
+        try:
+            os.unlink(os.path.join(path, name))
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
 class WipeMonitor:
     def __init__(
         self,
@@ -40,7 +92,10 @@ class WipeMonitor:
         table: int,
         on_wipe: Callable[[str], None],
         binary: str = "ovs-ofctl",
+        run_dir: str | None = None,
     ):
+        """`run_dir`: where ovs-ofctl's control socket goes (the agent's own run
+        directory); without one, a private temporary directory."""
         self.target = target
         self.table = table
         self.on_wipe = on_wipe
@@ -48,7 +103,7 @@ class WipeMonitor:
         self._stop = threading.Event()
         self._proc: subprocess.Popen | None = None
         self._thread = threading.Thread(target=self._run, name="wipe-monitor", daemon=True)
-        self._ctl_dir = tempfile.mkdtemp(prefix="slb-mon-")
+        self._ctl_dir = _private_dir(run_dir)
         self.restarts = 0
 
     def start(self) -> None:
@@ -64,10 +119,7 @@ class WipeMonitor:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self._thread.join(5)
-        try:
-            os.rmdir(self._ctl_dir)
-        except OSError:
-            pass
+        _remove_dir(self._ctl_dir)
 
     def _run(self) -> None:
         backoff = 0.1
@@ -88,7 +140,7 @@ class WipeMonitor:
             "monitor",
             self.target,
             f"watch:!initial,!add,!modify,table={self.table}",
-            f"--unixctl={self._ctl_dir}/monitor.ctl",
+            f"--unixctl={self._ctl_dir}/{_SOCKET}",
         ]
         # ovs-ofctl block-buffers a pipe: a pseudo-terminal makes it line-buffered,
         # so a deletion is seen the moment it happens. Checked on OVS 3.1: with

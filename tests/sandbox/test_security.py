@@ -31,6 +31,26 @@ def test_control_socket_is_private(running):
         assert mode == 0o600, oct(mode)
 
 
+def test_flow_monitor_socket_is_private_and_left_by_no_dead_agent(running):
+    """ovs-ofctl monitor's control socket takes `ofctl/send` (any OpenFlow message to
+    br-int): it sits in a 0700 directory of the agent's run dir, and an agent killed
+    with SIGKILL leaves nothing behind once the next one starts."""
+    info = running.agents["hv1"]
+    run_dir = Path(info["ctl"]).parent
+    mine = run_dir / f"statelesslb-monitor.{info['pid']}"
+    wait_until(lambda: (mine / "monitor.ctl").exists(), 10, 0.05, "the monitor's socket")
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o700
+    old_pid = info["pid"]
+    os.kill(old_pid, 9)
+    wait_until(lambda: not running.processes["hv1/statelesslb-agent"].running(), 5, 0.01,
+               "the agent to die")
+    assert mine.exists()     # SIGKILL: no chance to clean up
+    new = agents.start_agent(running, running.chassis["hv1"])
+    assert new["pid"] != old_pid
+    assert not mine.exists()
+    assert (run_dir / f"statelesslb-monitor.{new['pid']}").is_dir()
+
+
 def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
