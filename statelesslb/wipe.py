@@ -64,13 +64,12 @@ def _listdir(path: str) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (dead, not yet reaped by its parent) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    except OSError:
-        return True      # exists, not ours to signal
-    return True
 
 
 def _remove_dir(path: str) -> None:
