@@ -388,10 +388,12 @@ class NbReconciler:
 
     The writer is told which LBs changed since its last pass; it then evaluates
     those, the LBs whose last result it has not seen written yet, the LBs whose
-    phase 2 fell due, and the LBs whose VIP-id claims moved. Any other LB gave an
-    empty result last time from the same inputs, so it would again: the result
-    equals reconcile_nb() over all LBs (a property test holds it to that). A
-    topology change, or `changed=None`, evaluates every LB.
+    phase 2 fell due, the LBs whose VIP-id claims moved, and the LBs whose
+    validation read what a topology change touched (an invalid LB: anything).
+    Any other LB gave an empty result last time from the same inputs, so it would
+    again: the result equals reconcile_nb() over all LBs (a property test holds
+    it to that). `changed=None`, or a topology change whose reach cannot be
+    told, evaluates every LB.
     """
 
     def __init__(self, validation: ValidationMemo | None = None) -> None:

@@ -369,11 +369,12 @@ class IncrementalPlanner:
     Like ovn-controller's incremental engine: the caller says which LBs changed
     since the last update; only those are planned again and patched into the
     merged flow table and group set, and the update names the cookies and groups
-    that moved, so the diff against the bridge looks at those alone. A change of
-    context (NB topology, SB bindings, chassis, table layout) plans every LB
-    again, and so does any conflict between LBs (the merge is then redone in
-    name order, as plan() does). Every update equals plan() of its snapshot; a
-    property test holds it to that.
+    that moved, so the diff against the bridge looks at those alone. A topology
+    or SB change plans again the LBs that read what it touched (an invalid LB
+    counts as reading everything); a new chassis name or table layout, or a
+    topology change whose reach cannot be told, plans every LB, and any conflict
+    between LBs redoes the merge in name order, as plan() does. Every update
+    equals plan() of its snapshot; a property test holds it to that.
     """
 
     def __init__(self, config: PlanConfig | None = None,
@@ -433,15 +434,8 @@ class IncrementalPlanner:
             if (old is not None and not context_changed and uuid not in forced
                     and old.open_window == open_window and _same_row(old.lb, lb)):
                 continue
-            reads: set[object] = set()
-            recording = Snapshot(nb, _recording_sb(snapshot.sb, reads), snapshot.chassis,
-                                 snapshot.tables)
-            status, candidate, until = _plan_lb(lb, nb, index, recording, self.config, now,
-                                                validation)
-            valid = validation.validate(lb, nb, index)   # the memo's: no second pass
-            replaced[uuid] = _Part(lb, open_window, status, candidate, until,
-                                   frozenset(reads),
-                                   topology_deps(valid) if isinstance(valid, ValidLb) else None)
+            replaced[uuid] = _plan_lb(lb, open_window, index, snapshot, self.config, now,
+                                      validation)
         if not replaced and not context_changed:
             return PlanUpdate(self._merged.plan(self._windows), frozenset(), frozenset(),
                               frozenset())
@@ -638,21 +632,27 @@ def _accepted_status(name: str, candidate: _Candidate) -> LbPlanStatus:
 
 
 def _plan_lb(
-    lb: NbLoadBalancer, nb, index, snapshot: Snapshot, config: PlanConfig, now: float,
-    validation: ValidationMemo,
-) -> tuple[LbPlanStatus | None, _Candidate | None, float | None]:
-    """One LB on its own: (error status, None, None) or (None, candidate, window end)."""
+    lb: NbLoadBalancer, open_window: bool, index, snapshot: Snapshot, config: PlanConfig,
+    now: float, validation: ValidationMemo,
+) -> _Part:
+    """One LB on its own, with what it read of the topology and of the SB."""
     name = _text(lb.name)
-    valid = validation.validate(lb, nb, index)
+    valid = validation.validate(lb, snapshot.nb, index)
     if isinstance(valid, LbError):
-        return LbPlanStatus(name, STATE_ERROR, valid.message), None, None
+        return _Part(lb, open_window, LbPlanStatus(name, STATE_ERROR, valid.message),
+                     None, None)
+    deps = topology_deps(valid)
     ids = _read_ids(lb, valid, now)
     if isinstance(ids, LbPlanStatus):
-        return ids, None, None
+        return _Part(lb, open_window, ids, None, None, topology_deps=deps)
+    reads: set[object] = set()
+    recording = Snapshot(snapshot.nb, _recording_sb(snapshot.sb, reads), snapshot.chassis,
+                         snapshot.tables)
     candidate = _Candidate()
-    _plan_gateway(valid, ids, snapshot, config, candidate)
-    _plan_backends(valid, ids, snapshot, config, candidate)
-    return None, candidate, ids.previous_until
+    _plan_gateway(valid, ids, recording, config, candidate)
+    _plan_backends(valid, ids, recording, config, candidate)
+    return _Part(lb, open_window, None, candidate, ids.previous_until, frozenset(reads),
+                 deps)
 
 
 @functools.lru_cache(maxsize=65536)
