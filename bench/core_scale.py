@@ -46,18 +46,11 @@ def build(n: int) -> tuple[Topo, list[str]]:
     return topo, backends
 
 
-def write(topo: Topo, changes) -> None:
-    for uuid, delta in changes.items():
-        lb = topo.load_balancers[uuid]
-        ext = {k: v for k, v in {**lb.external_ids, **delta}.items() if v is not None}
-        topo.load_balancers[uuid] = dataclasses.replace(lb, external_ids=ext)
-
-
 def measure(n: int, changes: int) -> tuple[float, float]:
     topo, backends = build(n)
     now = 1000.0
     nb = topo.nb()
-    write(topo, reconcile_nb(nb.load_balancers.values(), nb, now))
+    topo.write(reconcile_nb(nb.load_balancers.values(), nb, now))
     sb = topo.sb()
     base = topo.nb()
     config = PlanConfig()
@@ -85,7 +78,7 @@ def measure(n: int, changes: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         nb = view()
         delta = reconciler.reconcile(nb, now, frozenset({uuid}))
-        write(topo, delta)
+        topo.write(delta)
         nb = view()
         reconciler.reconcile(nb, now, frozenset(delta))
         update = planner.update(Snapshot(nb, sb, "gw1", TABLES), now, frozenset({uuid}))

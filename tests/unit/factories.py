@@ -154,6 +154,13 @@ class Topo:
     def snapshot(self, chassis: str) -> Snapshot:
         return Snapshot(self.nb(), self.sb(), chassis, TABLES)
 
+    def write(self, changes: dict[str, dict[str, str | None]]) -> None:
+        """Write reconcile_nb's result into the LB rows, as the NB writer does."""
+        for uuid, delta in changes.items():
+            lb = self.load_balancers[uuid]
+            ext = {k: v for k, v in {**lb.external_ids, **delta}.items() if v is not None}
+            self.load_balancers[uuid] = dataclasses.replace(lb, external_ids=ext)
+
     def assign_ids(self) -> None:
         """Play the NB writer until it has nothing left to write.
 
@@ -164,15 +171,7 @@ class Topo:
             changes = reconcile_nb(self.load_balancers.values(), self.nb(), now=self.clock)
             if not changes:
                 return
-            for uuid, delta in changes.items():
-                ext = dict(self.load_balancers[uuid].external_ids)
-                for key, value in delta.items():
-                    if value is None:
-                        ext.pop(key, None)
-                    else:
-                        ext[key] = value
-                self.load_balancers[uuid] = dataclasses.replace(
-                    self.load_balancers[uuid], external_ids=ext)
+            self.write(changes)
         raise AssertionError("reconcile_nb does not converge")
 
 

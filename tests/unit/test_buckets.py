@@ -145,14 +145,6 @@ def test_malformed_drain_lists_are_flagged(text, keys):
 # -- reconcile_nb -------------------------------------------------------------------
 
 
-def apply(topo, changes):
-    """Write reconcile_nb's result into the topology like the NB writer would."""
-    for uuid, delta in changes.items():
-        lb = topo.load_balancers[uuid]
-        ext = {k: v for k, v in {**lb.external_ids, **delta}.items() if v is not None}
-        topo.update_lb(lb.name, external_ids=ext)
-
-
 def ids_of(topo, name, key=EXT_BUCKETS):
     return json.loads(topo.lb(name).external_ids[key])
 
@@ -167,7 +159,7 @@ def test_fresh_lb_gets_ids_and_ok_status_then_nothing_changes():
         EXT_ACTIVE: '{"172.16.0.100:80":{"10.0.0.11:8080":[1,"50:54:00:00:00:01","vm1"],'
                     '"10.0.0.12:8080":[2,"50:54:00:00:00:02","vm2"]}}',
     }}
-    apply(topo, changes)
+    topo.write(changes)
     assert reconcile_nb(topo.load_balancers.values(), topo.nb()) == {}
 
 
@@ -175,7 +167,7 @@ def test_backend_shared_by_two_vips_of_one_lb_shares_its_bucket_id():
     topo = basic_topo(with_lb=False)
     topo.add_lb("lb0", {"172.16.0.100:80": "10.0.0.12:8080,10.0.0.11:8080",
                         "172.16.0.100:443": "10.0.0.11:8080"})
-    apply(topo, reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
     assert ids_of(topo, "lb0") == {"10.0.0.11:8080": 1, "10.0.0.12:8080": 2}
     assert ids_of(topo, "lb0", EXT_VIP_IDS) == {"172.16.0.100:443": 1, "172.16.0.100:80": 2}
 
@@ -183,7 +175,7 @@ def test_backend_shared_by_two_vips_of_one_lb_shares_its_bucket_id():
 def test_vip_ids_are_unique_across_lbs_and_bucket_ids_are_per_lb():
     topo = basic_topo()
     topo.add_lb("lb1", {"172.16.0.101:80": "10.0.0.12:8080"})
-    apply(topo, reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
     assert ids_of(topo, "lb0", EXT_VIP_IDS) == {"172.16.0.100:80": 1}
     assert ids_of(topo, "lb1", EXT_VIP_IDS) == {"172.16.0.101:80": 2}
     assert ids_of(topo, "lb1") == {"10.0.0.12:8080": 1}
@@ -191,39 +183,39 @@ def test_vip_ids_are_unique_across_lbs_and_bucket_ids_are_per_lb():
 
 def test_backend_change_keeps_surviving_ids():
     topo = basic_topo()
-    apply(topo, reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
     topo.add_vif("ls0", "vm3", "50:54:00:00:00:03", "10.0.0.13", "hv1")
     topo.update_lb("lb0", vips={"172.16.0.100:80": "10.0.0.13:8080,10.0.0.12:8080"})
-    apply(topo, reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
     assert ids_of(topo, "lb0") == {"10.0.0.12:8080": 2, "10.0.0.13:8080": 1}
 
 
 def test_a_vip_id_freed_in_one_pass_is_not_reused_in_the_same_pass():
     topo = basic_topo()
     topo.add_lb("lb1", {"172.16.0.101:80": "10.0.0.12:8080"})
-    apply(topo, reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
     topo.update_lb("lb0", vips={"172.16.0.102:80": "10.0.0.11:8080"})   # frees VIP id 1
     topo.update_lb("lb1", vips={"172.16.0.101:80": "10.0.0.12:8080",
                                 "172.16.0.103:80": "10.0.0.12:8080"})
-    apply(topo, reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
     assert ids_of(topo, "lb0", EXT_VIP_IDS) == {"172.16.0.102:80": 3}
     assert ids_of(topo, "lb1", EXT_VIP_IDS) == {"172.16.0.101:80": 2, "172.16.0.103:80": 4}
     # Next pass: id 1 is free again.
     topo.add_lb("lb2", {"172.16.0.104:80": "10.0.0.11:8080"})
-    apply(topo, reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
     assert ids_of(topo, "lb2", EXT_VIP_IDS) == {"172.16.0.104:80": 1}
 
 
 def test_invalid_lb_keeps_its_ids_and_reports_the_error():
     topo = basic_topo()
-    apply(topo, reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
     before = dict(topo.lb("lb0").external_ids)
     topo.update_lb("lb0", vips={"172.16.0.100:80": "10.0.0.11:8080,10.0.0.99:8080"})
     changes = reconcile_nb(topo.load_balancers.values(), topo.nb())
     assert changes == {"uuid-lb-lb0": {EXT_STATUS: (
         "error: backend 10.0.0.99:8080 of VIP 172.16.0.100:80 matches no logical switch port "
         "on a switch attached to router lr0")}}
-    apply(topo, changes)
+    topo.write(changes)
     assert topo.lb("lb0").external_ids[EXT_BUCKETS] == before[EXT_BUCKETS]
     # A typo that cannot even be parsed keeps them too.
     topo.update_lb("lb0", vips={"172.16.0.100:80": "10.0.0.11:80:80"})
@@ -251,7 +243,7 @@ def test_malformed_maps_are_reallocated_and_said_so():
     assert changes[EXT_VIP_IDS] == '{"172.16.0.100:80":1}'
     assert changes[EXT_STATUS] == ("ok (bucket ids re-allocated: stored map was malformed; "
                                    "VIP ids re-allocated: stored map was malformed)")
-    apply(topo, {"uuid-lb-lb0": changes})
+    topo.write({"uuid-lb-lb0": changes})
     assert reconcile_nb(topo.load_balancers.values(), topo.nb()) == {
         "uuid-lb-lb0": {EXT_STATUS: "ok"}}
 
@@ -281,7 +273,7 @@ def test_drained_backends_keep_their_ids_and_drain_problems_are_reported():
     topo = basic_topo()
     lb = topo.lb("lb0")
     topo.update_lb("lb0", options={**lb.options, PERSISTENCE_OPTION: "second-chance"})
-    apply(topo, reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
     before = topo.lb("lb0").external_ids[EXT_BUCKETS]
     ext = dict(topo.lb("lb0").external_ids)
     ext[EXT_DRAIN] = '["10.0.0.11:8080", "10.0.0.77:1", 5]'
@@ -296,7 +288,7 @@ def test_drained_backends_keep_their_ids_and_drain_problems_are_reported():
     previous = json.loads(changes["uuid-lb-lb0"][EXT_PREVIOUS])
     assert previous["since"] == 1000.0
     assert set(previous["vips"]["172.16.0.100:80"]) == {"10.0.0.11:8080", "10.0.0.12:8080"}
-    apply(topo, changes)
+    topo.write(changes)
     # Before the settle time nothing more; after it, phase 2 moves the gateways.
     assert reconcile_nb(topo.load_balancers.values(), topo.nb(), now=1000.5) == {}
     assert settling(topo.lb("lb0"), 1000.5) == 1000.0 + SETTLE_SECONDS
@@ -340,7 +332,7 @@ def test_reconcile_converges_with_unique_vip_ids_and_stable_buckets(rounds):
                 topo.update_lb(name, vips=vips)
             else:
                 topo.add_lb(name, vips)
-        apply(topo, reconcile_nb(topo.load_balancers.values(), topo.nb()))
+        topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
         assert reconcile_nb(topo.load_balancers.values(), topo.nb()) == {}
         all_vip_ids = []
         for lb in topo.load_balancers.values():

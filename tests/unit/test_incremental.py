@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from statelesslb import diff
@@ -23,6 +23,7 @@ from statelesslb.model import (
     MODE_OPTION,
     PERSISTENCE_OPTION,
     WINDOW_OPTION,
+    NbLoadBalancer,
     NbView,
     SbPortBinding,
     SbView,
@@ -32,6 +33,8 @@ from statelesslb.openflow import InstalledState
 from statelesslb.planner import IncrementalPlanner, PlanConfig, plan
 
 from .factories import TABLES, basic_topo
+from .test_planner import STRICT_LINE, lines_of
+from .test_validate import garbage, text_maps, vip_maps
 
 VMS = ["vm1", "vm2", "vm3", "vm4"]
 VM_IPS = {"vm1": "10.0.0.11", "vm2": "10.0.0.12", "vm3": "10.0.0.13", "vm4": "10.0.0.14"}
@@ -68,7 +71,7 @@ class World:
         """Two working LBs with their ids written: every step then acts on live state."""
         self.apply("backends", 0, 0b0011, 1)
         self.apply("backends", 1, 0b1100, 2)
-        self.write(reconcile_nb(self.topo.load_balancers.values(), self.topo.nb(), self.now))
+        self.topo.write(reconcile_nb(self.topo.load_balancers.values(), self.topo.nb(), self.now))
         return self
 
     def uuid(self, index: int) -> str:
@@ -161,12 +164,6 @@ class World:
             topo.router_ports["lr0-public"] = dataclasses.replace(
                 port, gateway_chassis=chassis)
 
-    def write(self, changes) -> None:
-        for uuid, delta in changes.items():
-            lb = self.topo.load_balancers[uuid]
-            ext = {k: v for k, v in {**lb.external_ids, **delta}.items() if v is not None}
-            self.topo.load_balancers[uuid] = dataclasses.replace(lb, external_ids=ext)
-
     def nb(self) -> NbView:
         """Like the NbReader: the topology mappings stay the same objects while unchanged."""
         fresh = self.topo.nb()
@@ -209,7 +206,7 @@ def test_incremental_planner_equals_planning_from_scratch(ops):
                                    now=world.now)
             if not write_all:   # a write that reached only some rows
                 changes = dict(list(changes.items())[: len(changes) // 2])
-            world.write(changes)
+            world.topo.write(changes)
         else:
             world.apply(op, a, b, c)
         nb, sb = world.nb(), world.sb()
@@ -242,7 +239,7 @@ def test_nb_reconciler_equals_reconciling_every_lb(ops):
         assert got == reconcile_nb(nb.load_balancers.values(), nb, now=world.now)
         seen = dict(nb.load_balancers)
         if op == "write":
-            world.write(got if write_all else dict(list(got.items())[: len(got) // 2]))
+            world.topo.write(got if write_all else dict(list(got.items())[: len(got) // 2]))
         world.now += 0.6   # phase 2 falls due after SETTLE_SECONDS
 
 
@@ -252,14 +249,14 @@ def test_incremental_planner_names_only_what_moved():
     for index in range(4):
         world.apply("backends", index, 0b0011, 1)
         world.apply("persistence", index, 0, 0)    # hashing only: one group per VIP
-    world.write(reconcile_nb(world.topo.load_balancers.values(), world.topo.nb(), world.now))
+    world.topo.write(reconcile_nb(world.topo.load_balancers.values(), world.topo.nb(), world.now))
     planner = IncrementalPlanner(PlanConfig())
     nb = world.nb()
     first = planner.update(Snapshot(nb, world.sb(), "gw1", TABLES), world.now)
     assert first.flows is None and len(first.plan.groups) == 4
     before = dict(nb.load_balancers)
     world.apply("backends", 2, 0b0111, 1)
-    world.write(reconcile_nb(world.topo.load_balancers.values(), world.topo.nb(), world.now))
+    world.topo.write(reconcile_nb(world.topo.load_balancers.values(), world.topo.nb(), world.now))
     nb = world.nb()
     update = planner.update(Snapshot(nb, world.sb(), "gw1", TABLES), world.now,
                             changed_between(before, nb.load_balancers))
@@ -279,7 +276,7 @@ def test_a_moved_vm_re_plans_only_the_lbs_it_backs():
     world.apply("backends", 0, 0b0011, 1)     # vm1, vm2
     world.apply("backends", 1, 0b1000, 1)     # vm4
     world.apply("backends", 2, 0b0001, 1)     # vm1
-    world.write(reconcile_nb(world.topo.load_balancers.values(), world.topo.nb(), world.now))
+    world.topo.write(reconcile_nb(world.topo.load_balancers.values(), world.topo.nb(), world.now))
     planner = IncrementalPlanner(PlanConfig())
     nb = world.nb()
     first = planner.update(Snapshot(nb, world.sb(), "hv1", TABLES), world.now)
@@ -290,3 +287,46 @@ def test_a_moved_vm_re_plans_only_the_lbs_it_backs():
     assert update.plan == plan(Snapshot(world.nb(), world.sb(), "hv1", TABLES), PlanConfig(),
                                world.now)
     assert len(update.plan.flows) < len(first.plan.flows)   # vm4's DNAT left hv1
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.one_of(st.text(max_size=20), garbage),
+       protocol=st.one_of(st.none(), st.just("tcp"), garbage),
+       vips=st.one_of(vip_maps, garbage, text_maps),
+       ext=st.one_of(garbage, text_maps), mappings=st.one_of(garbage, text_maps),
+       marked=st.booleans())
+def test_a_hostile_row_arriving_as_a_change_harms_no_other_lb(
+        name, protocol, vips, ext, mappings, marked):
+    """Bad NB data reaching the incremental paths as one changed row: no exception, the
+    same answer as from scratch, the working LBs untouched, no NB text in a line."""
+    world = World().populated()
+    config = PlanConfig()
+    planner, reconciler = IncrementalPlanner(config), NbReconciler()
+    nb = world.nb()
+    before = planner.update(Snapshot(nb, world.sb(), "gw1", TABLES), world.now).plan
+    reconciler.reconcile(nb, world.now)
+    options = {MODE_OPTION: "mac"} if marked else {}
+    uuid = "uuid-lb-hostile"
+    world.topo.load_balancers[uuid] = NbLoadBalancer(uuid, name, protocol, vips, options, ext,
+                                                     mappings)
+    router = world.topo.routers[world.topo.router_uuid("lr0")]
+    world.topo.routers[router.uuid] = dataclasses.replace(
+        router, load_balancers=router.load_balancers + (uuid,))
+    for _ in range(2):   # as it arrives, then once the NB writer wrote its ids
+        nb = world.nb()
+        written = reconciler.reconcile(nb, world.now, frozenset({uuid}))
+        assert written == reconcile_nb(nb.load_balancers.values(), nb, now=world.now)
+        snapshot = Snapshot(nb, world.sb(), "gw1", TABLES)
+        after = planner.update(snapshot, world.now, frozenset({uuid})).plan
+        assert after == plan(snapshot, config, world.now)
+        for good in (world.uuid(0), world.uuid(1)):
+            assert after.lb_status[good] == before.lb_status[good]
+        assert before.groups.items() <= after.groups.items()
+        assert before.flows.items() <= after.flows.items()
+        for line in lines_of(after):
+            assert STRICT_LINE.match(line), line
+        if not isinstance(ext, dict):
+            break        # nothing to merge the writer's keys into: the row stays as it is
+        world.topo.write(written)
+    event("hostile LB: " + after.lb_status[uuid].state if uuid in after.lb_status
+          else "hostile LB: not marked")
