@@ -51,9 +51,16 @@ def test_flow_monitor_socket_is_private_and_left_by_no_dead_agent(running):
     assert (run_dir / f"statelesslb-monitor.{new['pid']}").is_dir()
 
 
-def _socket_inodes(pid: int) -> set[str]:
+def _socket_inodes(pid: int, *, may_exit: bool = False) -> set[str]:
+    """Inodes of pid's sockets; a short-lived child (an ovs-ofctl run) may exit meanwhile."""
     inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except FileNotFoundError:
+        if may_exit:
+            return inodes
+        raise
+    for fd in fds:
         try:
             target = os.readlink(fd)
         except OSError:
@@ -66,9 +73,10 @@ def _socket_inodes(pid: int) -> set[str]:
 def test_agent_listens_on_no_network_port(running):
     """No TCP/UDP socket of the agent (or its children) is listening or bound."""
     for name, info in running.agents.items():
-        pids = [info["pid"]] + [int(p) for p in subprocess.run(
+        children = [int(p) for p in subprocess.run(
             ["pgrep", "-P", str(info["pid"])], capture_output=True, text=True).stdout.split()]
-        inodes = set().union(*(_socket_inodes(p) for p in pids))
+        inodes = _socket_inodes(info["pid"]).union(
+            *(_socket_inodes(p, may_exit=True) for p in children))
         for table in ("tcp", "tcp6", "udp", "udp6"):
             for line in Path(f"/proc/{info['pid']}/net/{table}").read_text().splitlines()[1:]:
                 fields = line.split()
