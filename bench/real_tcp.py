@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import cpu_seconds
 
 from statelesslb.sandbox import agents as sandbox_agents
 from statelesslb.sandbox import netns as N
@@ -42,11 +43,6 @@ LBS = {
 # Native first by default: the stateless LB's TIME_WAIT entries on the backends' chassis
 # would un-DNAT replies of later native connections that reuse a client port towards the
 # same backend (docs/real-tcp.md, "shared backends"); the native LB leaves nothing there.
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def vswitchd_cpu(sb: Sandbox) -> dict[str, float]:

@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(run_dir, args.connections)
     finally:
         if not args.keep:
-            if (run_dir / "sandbox.json").exists():
-                Sandbox.load(run_dir).down()
+            Sandbox.stop_dir(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
             say(f"sandbox kept: statelesslb-sandbox down --dir {run_dir}")

@@ -18,7 +18,7 @@ from statelesslb.sandbox.core import (
     binaries_available,
     wait_until,
 )
-from statelesslb.sandbox.topology import Topology, Vm, build_lb_topology, wait_flows_installed
+from statelesslb.sandbox.topology import Topology, Vm, build_lb_topology
 
 __all__ = [
     "CLIENT_MAC",
@@ -34,6 +34,5 @@ __all__ = [
     "Vm",
     "binaries_available",
     "build_lb_topology",
-    "wait_flows_installed",
     "wait_until",
 ]

@@ -27,11 +27,11 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from statelesslb.sandbox import packets
 
@@ -146,9 +146,7 @@ class Binaries:
                 tools[tool] = path
             else:
                 missing.append(tool)
-        vswitchd = os.environ.get("OVS_VSWITCHD") or shutil.which("ovs-vswitchd") or (
-            _first_existing(f"{d}/ovs-vswitchd" for d in VSWITCHD_DIRS)
-        )
+        vswitchd = find_vswitchd()
         if not vswitchd:
             missing.append("ovs-vswitchd")
         schemas = {
@@ -172,6 +170,12 @@ def _first_existing(paths: Iterable[str]) -> str | None:
     return None
 
 
+def find_vswitchd() -> str | None:
+    """$OVS_VSWITCHD, else ovs-vswitchd on PATH, else where Debian puts it (not on PATH)."""
+    return os.environ.get("OVS_VSWITCHD") or shutil.which("ovs-vswitchd") or (
+        _first_existing(f"{d}/ovs-vswitchd" for d in VSWITCHD_DIRS))
+
+
 def binaries_available() -> tuple[bool, str]:
     """(True, "") when everything the sandbox runs is installed, else (False, why)."""
     try:
@@ -184,36 +188,38 @@ def binaries_available() -> tuple[bool, str]:
 # --- processes -----------------------------------------------------------------------
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks) of a pid, or None when it does not exist."""
+class ProcStat(NamedTuple):
+    state: str          # "Z" (zombie) and "X" (dead) no longer run
+    pgrp: int
+    start_time: int     # clock ticks after boot: tells a reused pid apart
+
+
+def _proc_stat(pid: int) -> ProcStat | None:
+    """A pid's /proc/PID/stat fields we use, or None when it does not exist."""
     try:
         data = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+    except OSError:
         return None
     # comm (field 2) may hold spaces and parentheses: split after the last ')'.
     rest = data[data.rindex(")") + 2:].split()
-    return rest[0], int(rest[19])
+    return ProcStat(rest[0], int(rest[2]), int(rest[19]))
 
 
 def pid_alive(pid: int, start_time: int | None = None) -> bool:
     """True when pid runs (not a zombie) and, if given, started at start_time."""
     stat = _proc_stat(pid)
-    if stat is None or stat[0] in ("Z", "X"):
+    if stat is None or stat.state in ("Z", "X"):
         return False
-    return start_time is None or stat[1] == start_time
+    return start_time is None or stat.start_time == start_time
 
 
-def _group_has_live_member(pgid: int) -> bool:
+def live_group_members(pgid: int) -> Iterator[int]:
+    """Pids of the processes of group pgid that still run (zombies left out)."""
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
+        if entry.isdigit():
+            stat = _proc_stat(int(entry))
+            if stat is not None and stat.pgrp == pgid and stat.state not in ("Z", "X"):
+                yield int(entry)
 
 
 @dataclass
@@ -252,7 +258,7 @@ class ProcessRecord:
             return True
         # killpg also reaches zombies, which a slow pid 1 may keep around for seconds
         # (an agent killed with -9 leaves its ovs-ofctl monitor as one): look closer.
-        return _group_has_live_member(self.pgid)
+        return next(live_group_members(self.pgid), None) is not None
 
     def running(self) -> bool:
         return self.alive() or self.group_alive()
@@ -263,6 +269,31 @@ class ProcessRecord:
                 os.killpg(self.pgid, sig)  # type: ignore[arg-type]
             elif self.alive():
                 os.kill(self.pid, sig)
+
+
+def stop_records(recs: Sequence[ProcessRecord], timeout: float) -> list[str]:
+    """SIGTERM those of recs that run, all at once; SIGKILL what is left after timeout.
+
+    Returns the names of those that ran."""
+    running = [r for r in recs if r.running()]
+    for r in running:
+        LOG.debug("stopping %s pid %d", r.name, r.pid)
+        r.signal(signal.SIGTERM)
+
+    def _all_dead() -> bool:
+        for r in running:
+            _reap(r.pid)
+        return not any(r.running() for r in running)
+
+    try:
+        wait_until(_all_dead, timeout, 0.02, "processes to exit")
+    except TimeoutError:
+        for r in running:
+            if r.running():
+                LOG.warning("%s (pid %d) ignored SIGTERM, killing it", r.name, r.pid)
+                r.signal(signal.SIGKILL)
+        wait_until(_all_dead, 5.0, 0.02, "killed processes to exit")
+    return [r.name for r in running]
 
 
 def _reap(pid: int) -> None:
@@ -286,13 +317,14 @@ def _dir_env(directory: Path) -> dict[str, str]:
 
 
 def ovs_daemon_argv(program: str, directory: Path, *args: str,
-                    unixctl: bool = True) -> list[str]:
+                    unixctl: bool = True, name: str | None = None) -> list[str]:
     """argv for an OVS/OVN daemon detaching itself, with every path in `directory`.
 
+    Its pidfile, log and ctl are `<name>.pid|log|ctl` (name: the program's, by default).
     unixctl=False for daemons without --unixctl (ovn-controller 23.03): they create
     $OVN_RUNDIR/<name>.<pid>.ctl instead.
     """
-    name = Path(program).name
+    name = name or Path(program).name
     argv = [
         program, *args,
         "--detach", "--no-chdir",
@@ -551,12 +583,9 @@ class Chassis:
         self._start_controller()
 
     def _start_vswitchd(self) -> None:
-        self.sandbox.start_process(
-            f"{self.name}/ovs-vswitchd",
-            ovs_daemon_argv(self.sandbox.bin.vswitchd, self.rundir, self.ovs_db,
-                            self.sandbox.enable_dummy_arg, "-vvconn:warn"),
-            env=self.env, pidfile=f"{self.rundir}/ovs-vswitchd.pid",
-            log=f"{self.rundir}/ovs-vswitchd.log", cwd=str(self.rundir))
+        self.sandbox.start_daemon(f"{self.name}/ovs-vswitchd", self.sandbox.bin.vswitchd,
+                                  self.rundir, self.ovs_db, self.sandbox.enable_dummy_arg,
+                                  "-vvconn:warn")
         # The database's mac_in_use can lag for seconds after a restart: ask the switch.
         wait_until(lambda: f"LOCAL(br-phys): addr:{self.phys_mac}"
                    in self.ofctl("show", bridge="br-phys"), 10.0, 0.05,
@@ -564,12 +593,9 @@ class Chassis:
         self._configure_runtime()
 
     def _start_controller(self) -> None:
-        rec = self.sandbox.start_process(
-            f"{self.name}/ovn-controller",
-            ovs_daemon_argv(self.sandbox.bin["ovn-controller"], self.rundir, self.ovs_db,
-                            unixctl=False),
-            env=self.env, pidfile=f"{self.rundir}/ovn-controller.pid",
-            log=f"{self.rundir}/ovn-controller.log", cwd=str(self.rundir))
+        rec = self.sandbox.start_daemon(f"{self.name}/ovn-controller",
+                                        self.sandbox.bin["ovn-controller"], self.rundir,
+                                        self.ovs_db, unixctl=False)
         # 23.03 has no --unixctl: give its per-pid socket a stable name for tools.
         link = Path(self.ovn_controller_ctl)
         with contextlib.suppress(FileNotFoundError):
@@ -903,6 +929,16 @@ class Sandbox:
         return packets.read_pcap(self.client_pcap)
 
     # processes
+    def start_daemon(self, name: str, program: str, directory: Path, *args: str,
+                     unixctl: bool = True) -> ProcessRecord:
+        """Start the OVS/OVN daemon `name` ("<component>/<daemon>"), which detaches, with
+        its environment, pidfile, log (and ctl) in `directory`, named after <daemon>."""
+        daemon = name.rsplit("/", 1)[-1]
+        return self.start_process(
+            name, ovs_daemon_argv(program, directory, *args, unixctl=unixctl, name=daemon),
+            env=_dir_env(directory), pidfile=f"{directory}/{daemon}.pid",
+            log=f"{directory}/{daemon}.log", cwd=str(directory))
+
     def start_process(self, name: str, argv: Sequence[str], *,
                       env: dict[str, str] | None = None, pidfile: str | None = None,
                       log: str | None = None, detach: bool = True, cwd: str | None = None,
@@ -957,7 +993,7 @@ class Sandbox:
             if pidfile:
                 Path(pidfile).write_text(f"{pid}\n")
         stat = _proc_stat(pid)
-        rec = ProcessRecord(name=name, pid=pid, start_time=stat[1] if stat else None,
+        rec = ProcessRecord(name=name, pid=pid, start_time=stat.start_time if stat else None,
                             argv=list(argv), env=dict(env or {}), pidfile=pidfile, log=log,
                             detach=detach, cwd=cwd, pgid=None if detach else pid)
         with self._lock:
@@ -998,28 +1034,7 @@ class Sandbox:
         rec = self.processes.get(name)
         if rec is None:
             raise SandboxError(f"no process named {name}")
-        return bool(self._stop_records([rec], timeout))
-
-    def _stop_records(self, recs: Sequence[ProcessRecord], timeout: float) -> list[str]:
-        running = [r for r in recs if r.running()]
-        for r in running:
-            LOG.debug("stopping %s pid %d", r.name, r.pid)
-            r.signal(signal.SIGTERM)
-
-        def _all_dead() -> bool:
-            for r in running:
-                _reap(r.pid)
-            return not any(r.running() for r in running)
-
-        try:
-            wait_until(_all_dead, timeout, 0.02, "processes to exit")
-        except TimeoutError:
-            for r in running:
-                if r.running():
-                    LOG.warning("%s (pid %d) ignored SIGTERM, killing it", r.name, r.pid)
-                    r.signal(signal.SIGKILL)
-            wait_until(_all_dead, 5.0, 0.02, "killed processes to exit")
-        return [r.name for r in running]
+        return bool(stop_records([rec], timeout))
 
     def is_running(self, name: str) -> bool:
         rec = self.processes.get(name)
@@ -1070,6 +1085,13 @@ class Sandbox:
             tmp.replace(self.manifest_path)
 
     @classmethod
+    def stop_dir(cls, run_dir: Path | str) -> list[str]:
+        """Stop what the sandbox in `run_dir` left running (nothing if it holds none)."""
+        if not (Path(run_dir) / MANIFEST).exists():
+            return []
+        return cls.load(run_dir).down()
+
+    @classmethod
     def load(cls, run_dir: Path | str) -> Sandbox:
         """Rebuild a Sandbox from the manifest in `run_dir` (its processes may be dead)."""
         path = Path(run_dir).absolute() / MANIFEST
@@ -1096,12 +1118,8 @@ class Sandbox:
         directory.mkdir(parents=True, exist_ok=True)
         self.run([self.bin["ovsdb-tool"], "create", f"{directory}/{db}", schema],
                  env=_dir_env(directory))
-        self.start_process(
-            name,
-            ovs_daemon_argv(self.bin["ovsdb-server"], directory, f"{directory}/{db}",
-                            f"--remote=punix:{directory}/{sock}"),
-            env=_dir_env(directory), pidfile=f"{directory}/ovsdb-server.pid",
-            log=f"{directory}/ovsdb-server.log", cwd=str(directory))
+        self.start_daemon(name, self.bin["ovsdb-server"], directory, f"{directory}/{db}",
+                          f"--remote=punix:{directory}/{sock}")
 
     def _check_run_dir(self) -> None:
         if self.manifest_path.exists():
@@ -1176,12 +1194,8 @@ class Sandbox:
         self.sbctl("init")
         northd = self.run_dir / "northd"
         northd.mkdir(exist_ok=True)
-        self.start_process(
-            "northd/ovn-northd",
-            ovs_daemon_argv(self.bin["ovn-northd"], northd, f"--ovnnb-db={self.nb}",
-                            f"--ovnsb-db={self.sb}"),
-            env=_dir_env(northd), pidfile=f"{northd}/ovn-northd.pid",
-            log=f"{northd}/ovn-northd.log", cwd=str(northd))
+        self.start_daemon("northd/ovn-northd", self.bin["ovn-northd"], northd,
+                          f"--ovnnb-db={self.nb}", f"--ovnsb-db={self.sb}")
 
     def _start_network(self) -> None:
         net = self.net_dir
@@ -1204,12 +1218,8 @@ class Sandbox:
                          "--", "set", "Interface", port, "type=dummy",
                          f"options:pstream=punix:{net}/{port}.sock"]
         self.net_vsctl(*args)
-        self.start_process(
-            "net/ovs-vswitchd",
-            ovs_daemon_argv(self.bin.vswitchd, net, f"unix:{net}/db.sock",
-                            self.enable_dummy_arg, "-vvconn:warn"),
-            env=_dir_env(net), pidfile=f"{net}/ovs-vswitchd.pid",
-            log=f"{net}/ovs-vswitchd.log", cwd=str(net))
+        self.start_daemon("net/ovs-vswitchd", self.bin.vswitchd, net, f"unix:{net}/db.sock",
+                          self.enable_dummy_arg, "-vvconn:warn")
 
     def down(self, timeout: float = 5.0) -> list[str]:
         """Stop every recorded process that still runs; return their names.
@@ -1219,7 +1229,7 @@ class Sandbox:
         """
         with self._lock:
             recs = list(self.processes.values())
-        stopped = self._stop_records(recs, timeout)
+        stopped = stop_records(recs, timeout)
         if self.netns:
             # Hook for the netns mode: remove the namespaces and veths it recorded, now
             # that the processes running in them are stopped. Imported here so that core

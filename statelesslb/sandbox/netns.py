@@ -55,6 +55,7 @@ from statelesslb.sandbox.core import (
     ProcessRecord,
     Sandbox,
     SandboxError,
+    parse_ctl_json,
     wait_until,
 )
 from statelesslb.sandbox.topology import Topology, Vm, build_lb_topology
@@ -256,7 +257,8 @@ class NetnsLab:
         def opened() -> bool:
             out = vsctl("--format=json", "--columns=ofport,error", "list", "Interface",
                         host.link)
-            ofport, error = json.loads(out)["data"][0]
+            row = parse_ctl_json(out)[0]
+            ofport, error = row["ofport"], row["error"]
             if isinstance(error, str) and error:
                 raise SandboxError(f"OVS cannot open {host.link}: {error}")
             return isinstance(ofport, int) and ofport > 0

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
 import ovs.unixctl.client
 
 from statelesslb.sandbox.core import (
-    VSWITCHD_DIRS,
     ProcessRecord,
+    _dir_env,
     _proc_stat,
+    find_vswitchd,
     ovs_daemon_argv,
+    stop_records,
     wait_until,
 )
 
@@ -31,9 +32,7 @@ TOOLS = ("ovsdb-tool", "ovsdb-server", "ovs-vsctl", "ovs-ofctl", "ovs-appctl")
 def find_tools() -> dict[str, str] | None:
     """Paths of the OVS programs (and the schema), or None if something is missing."""
     tools = {t: shutil.which(t) for t in TOOLS}
-    tools["ovs-vswitchd"] = os.environ.get("OVS_VSWITCHD") or shutil.which("ovs-vswitchd") \
-        or next((f"{d}/ovs-vswitchd" for d in VSWITCHD_DIRS
-                 if os.access(f"{d}/ovs-vswitchd", os.X_OK)), None)
+    tools["ovs-vswitchd"] = find_vswitchd()
     if not all(tools.values()) or not os.path.exists(SCHEMA):
         return None
     return {**tools, "schema": SCHEMA}  # type: ignore[dict-item]
@@ -47,8 +46,7 @@ class Switch:
         self.dir = rundir
         self.tools = tools
         self.extra_ports = dict(extra_ports or {})
-        self.env = {**os.environ, **{v: str(rundir) for v in (
-            "OVS_RUNDIR", "OVS_LOGDIR", "OVS_DBDIR", "OVS_SYSCONFDIR")}}
+        self.env = {**os.environ, **_dir_env(rundir)}
         self.procs: list[ProcessRecord] = []
         self.ctl = f"{rundir}/ovs-vswitchd.ctl"
         self.mgmt = f"unix:{rundir}/br0.mgmt"
@@ -66,7 +64,8 @@ class Switch:
         self.run(*ovs_daemon_argv(program, self.dir, *args))
         pid = int((self.dir / f"{name}.pid").read_text().split()[0])
         stat = _proc_stat(pid)
-        self.procs.append(ProcessRecord(name, pid, stat[1] if stat else None, [program]))
+        self.procs.append(ProcessRecord(name, pid, stat.start_time if stat else None,
+                                        [program]))
 
     def start(self) -> None:
         db = f"{self.dir}/conf.db"
@@ -89,13 +88,7 @@ class Switch:
         if self._client is not None:
             self._client.close()
             self._client = None
-        for rec in self.procs:
-            rec.signal(signal.SIGTERM)
-        try:
-            wait_until(lambda: not any(r.alive() for r in self.procs), 5, 0.02, "exit")
-        except TimeoutError:
-            for rec in self.procs:
-                rec.signal(signal.SIGKILL)
+        stop_records(self.procs, 5.0)
 
     def ofctl(self, command: str, *args: str) -> str:
         return self.run(self.tools["ovs-ofctl"], "-O", "OpenFlow15", command, self.mgmt,

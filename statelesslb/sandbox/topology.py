@@ -89,6 +89,13 @@ def _router_port(sb: Sandbox, switch: str, name: str, router_port: str) -> None:
              "--", "lsp-set-options", name, f"router-port={router_port}")
 
 
+def _localnet_port(sb: Sandbox, switch: str, name: str, physnet: str) -> None:
+    sb.nbctl("lsp-add", switch, name,
+             "--", "lsp-set-type", name, "localnet",
+             "--", "lsp-set-addresses", name, "unknown",
+             "--", "lsp-set-options", name, f"network_name={physnet}")
+
+
 def build_lb_topology(sb: Sandbox, vms: int = 2, *, client_ip: str = "172.16.0.50",
                       static_client_mac: bool = True, wait_flows: bool = True,
                       timeout: float = 60.0,
@@ -124,10 +131,7 @@ def build_lb_topology(sb: Sandbox, vms: int = 2, *, client_ip: str = "172.16.0.5
         # 2 gateways: gw1 20, gw2 10; more: 10 apart, highest first.
         sb.nbctl("lrp-set-gateway-chassis", t.dgp, gw, str(10 * (len(gws) - i)))
     _router_port(sb, t.public_switch, f"{t.public_switch}-{t.router}", t.dgp)
-    sb.nbctl("lsp-add", t.public_switch, t.localnet,
-             "--", "lsp-set-type", t.localnet, "localnet",
-             "--", "lsp-set-addresses", t.localnet, "unknown",
-             "--", "lsp-set-options", t.localnet, f"network_name={t.physnet}")
+    _localnet_port(sb, t.public_switch, t.localnet, t.physnet)
     _router_port(sb, t.backend_switch, f"{t.backend_switch}-{t.router}", t.router_port)
     for vm in t.vms:
         sb.nbctl("lsp-add", t.backend_switch, vm.name,
@@ -162,16 +166,18 @@ def build_lb_topology(sb: Sandbox, vms: int = 2, *, client_ip: str = "172.16.0.5
 
 
 def wait_bound(sb: Sandbox, topo: Topology, timeout: float = 60.0,
-               chassis: str | None = None) -> None:
-    """Wait until the chassisredirect port is resident on `chassis` (default: first gw)."""
+               chassis: str | None = None, port: str | None = None) -> None:
+    """Wait until a chassisredirect port (default: the DGP's) is resident on `chassis`
+    (default: the first gateway)."""
     want = chassis or topo.gateways[0]
+    cr_port = port or topo.cr_port
 
     def bound() -> bool:
         ch = sb.sb_rows("Chassis", f"name={want}", columns=["_uuid"])
-        pb = sb.sb_rows("Port_Binding", f"logical_port={topo.cr_port}", columns=["chassis"])
+        pb = sb.sb_rows("Port_Binding", f"logical_port={cr_port}", columns=["chassis"])
         return bool(ch and pb and pb[0]["chassis"] == ch[0]["_uuid"])
 
-    wait_until(bound, timeout, 0.05, f"{topo.cr_port} bound to {want}", ignore=(CommandError,))
+    wait_until(bound, timeout, 0.05, f"{cr_port} bound to {want}", ignore=(CommandError,))
 
 
 def _fill_keys(sb: Sandbox, topo: Topology) -> None:
@@ -181,11 +187,6 @@ def _fill_keys(sb: Sandbox, topo: Topology) -> None:
             topo.datapath_keys[name] = row["tunnel_key"]
     for row in sb.sb_rows("Port_Binding", columns=["logical_port", "tunnel_key"]):
         topo.port_keys[row["logical_port"]] = row["tunnel_key"]
-
-
-def wait_flows_installed(sb: Sandbox, timeout: float = 60.0) -> float:
-    """`ovn-nbctl --wait=hv sync`: every connected ovn-controller caught up."""
-    return sb.wait_flows_installed(timeout)
 
 
 @dataclass(frozen=True)
@@ -221,17 +222,8 @@ def add_second_dgp(sb: Sandbox, topo: Topology, gateway: str | None = None,
     for i, other in enumerate(others):
         sb.nbctl("lrp-set-gateway-chassis", d.name, other, str(10 - i))
     _router_port(sb, d.switch, f"{d.switch}-{topo.router}", d.name)
-    sb.nbctl("lsp-add", d.switch, d.localnet,
-             "--", "lsp-set-type", d.localnet, "localnet",
-             "--", "lsp-set-addresses", d.localnet, "unknown",
-             "--", "lsp-set-options", d.localnet, f"network_name={topo.physnet}")
-
-    def bound() -> bool:
-        ch = sb.sb_rows("Chassis", f"name={gw}", columns=["_uuid"])
-        pb = sb.sb_rows("Port_Binding", f"logical_port={d.cr_port}", columns=["chassis"])
-        return bool(ch and pb and pb[0]["chassis"] == ch[0]["_uuid"])
-
-    wait_until(bound, timeout, 0.05, f"{d.cr_port} bound to {gw}", ignore=(CommandError,))
+    _localnet_port(sb, d.switch, d.localnet, topo.physnet)
+    wait_bound(sb, topo, timeout, chassis=gw, port=d.cr_port)
     sb.wait_settled(timeout)
     _fill_keys(sb, topo)
     return d

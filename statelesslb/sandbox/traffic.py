@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
 
 from statelesslb.model import EXT_BUCKETS, EXT_STATUS, EXT_VIP_IDS
 from statelesslb.openflow import COOKIE_MASK, InstalledGroup, Ofctl
 from statelesslb.sandbox import packets as P
-from statelesslb.sandbox.core import Chassis, Sandbox, wait_until
+from statelesslb.sandbox.core import Chassis, Sandbox, parse_ctl_json, wait_until
 from statelesslb.sandbox.topology import Topology, Vm
 
 COOKIE_PREFIX = 0x51B0
 GROUP_BASE = 0x70000000
 OUR_COOKIES = f"cookie={COOKIE_PREFIX << 48:#x}/{COOKIE_MASK:#x}"
 _STATS_RE = re.compile(r"(duration|n_packets|n_bytes|idle_age|hard_age)=[^,\s]*,?\s*")
-_GROUP_STATS_RE = re.compile(r"^ *group_id=")
 
 
 def create_lb(sb: Sandbox, name: str, vip: str, backends: list[str], proto: str = "tcp",
@@ -34,10 +32,8 @@ def create_lb(sb: Sandbox, name: str, vip: str, backends: list[str], proto: str 
 def lb_external_ids(sb: Sandbox, name: str) -> dict[str, str]:
     out = sb.nbctl("--format=json", "--columns=external_ids", "find", "load_balancer",
                    f"name={name}")
-    data = json.loads(out)["data"]
-    if not data:
-        return {}
-    return dict(data[0][0][1])
+    rows = parse_ctl_json(out)
+    return rows[0]["external_ids"] if rows else {}
 
 
 def lb_status(sb: Sandbox, name: str) -> str | None:
@@ -160,12 +156,6 @@ def conntrack_lines(chassis: Chassis, needle: str) -> list[str]:
     return [line for line in chassis.conntrack().splitlines() if needle in line]
 
 
-def elapsed_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> float:
-    start = time.monotonic()
-    wait_until(predicate, timeout, interval, "condition")
-    return time.monotonic() - start
-
-
 @dataclass(frozen=True)
 class Conn:
     """One client TCP connection through the LB: who opened it, and where it landed."""
@@ -198,26 +188,23 @@ def open_connections(sb: Sandbox, topo: Topology, vip: str, sports: range,
     for sport in sports:
         sb.client_inject(P.tcp_syn(topo.client_mac, mac, src, vip, sport, dport))
     wanted = set(sports)
-    owner: dict[int, Vm] = {}
+    # sport -> (VM its SYN reached, the port it arrived for: the backend's after DNAT)
+    owner: dict[int, tuple[Vm, int]] = {}
 
     def landed():
         for vm, pkt in _new_at_vms(sb, topo, offsets):
             ip, l4 = P.ip(pkt), P.l4(pkt)
             if (P.is_tcp(pkt, "S") and ip.src == src and l4.sport in wanted):
-                owner.setdefault(l4.sport, vm)
+                owner.setdefault(l4.sport, (vm, l4.dport))
         return len(owner) == len(wanted)
     try:
         wait_until(landed, settle, 0.05, "every SYN at a VM")
     except TimeoutError:
         pass
     conns = []
-    for sport, vm in sorted(owner.items()):
-        l4port = None
-        for pkt in sb.chassis[vm.chassis].sent(vm.name)[offsets[vm.name]:]:
-            if P.is_tcp(pkt, "S") and P.l4(pkt).sport == sport and P.ip(pkt).src == src:
-                l4port = P.l4(pkt).dport
+    for sport, (vm, backend_port) in sorted(owner.items()):
         sb.chassis[vm.chassis].inject(vm.name, P.tcp_synack(
-            vm.mac, topo.router_port_mac, vm.ip, src, l4port or 8080, sport))
+            vm.mac, topo.router_port_mac, vm.ip, src, backend_port, sport))
         sb.client_inject(P.tcp_ack(topo.client_mac, mac, src, vip, sport, dport))
         conns.append(Conn(src, sport, vm.name))
     return conns

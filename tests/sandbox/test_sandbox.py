@@ -224,16 +224,7 @@ def test_start_process_without_detach_stops_its_whole_group(sandbox: Sandbox) ->
 
 
 def _group_members(sandbox: Sandbox, name: str) -> list[int]:
-    pgid = sandbox.processes[name].pgid
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(stat.parent.name))
-    return out
+    return list(core.live_group_members(sandbox.processes[name].pgid))
 
 
 def test_down_leaves_no_process(sandbox_run_dir: Path) -> None:
