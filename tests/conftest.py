@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +25,24 @@ from statelesslb.sandbox import Sandbox, Topology, binaries_available, build_lb_
 LOG = logging.getLogger(__name__)
 
 
-def require_sandbox_binaries() -> None:
-    """Skip when OVS/OVN is not installed, except in CI where that is a failure."""
-    ok, why = binaries_available()
+def require_or_skip(ok: bool, why: str) -> None:
+    """Skip unless ok, except in CI (CI=true) where what cannot run is a failure."""
     if ok:
         return
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true and the sandbox cannot run: {why}", pytrace=False)
-    pytest.skip(f"sandbox tests need OVS/OVN: {why}")
+        pytest.fail(f"CI=true and this cannot run: {why}", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def require() -> Callable[[bool, str], None]:
+    """require_or_skip, for test modules (which do not import conftest)."""
+    return require_or_skip
+
+
+def require_sandbox_binaries() -> None:
+    ok, why = binaries_available()
+    require_or_skip(ok, f"sandbox tests need OVS/OVN: {why}")
 
 
 def new_run_dir() -> Path:
@@ -74,8 +84,7 @@ def sandbox_run_dir() -> Iterator[Path]:
     try:
         yield run_dir
     finally:
-        if (run_dir / "sandbox.json").exists():
-            Sandbox.load(run_dir).down()
+        Sandbox.stop_dir(run_dir)
         remove_run_dir(run_dir)
 
 

@@ -10,7 +10,6 @@ docs/real-tcp.md for the figures and what each scenario shows.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -37,20 +36,12 @@ ECHO = N.ECHO_PORT
 ECHO_TIMEOUT = 4.0
 
 
-def _require(ok: bool, why: str) -> None:
-    if ok:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true and the netns mode cannot run: {why}", pytrace=False)
-    pytest.skip(why)
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _netns_required() -> None:
+def _netns_required(require) -> None:
     """Before the sandbox starts: root, namespaces, veths and curl are needed."""
     ok, why = N.netns_available()
-    _require(ok, f"netns mode unavailable: {why}")
-    _require(shutil.which("curl") is not None, "curl not installed (scripts/setup installs it)")
+    require(ok, f"netns mode unavailable: {why}")
+    require(shutil.which("curl") is not None, "curl not installed (scripts/setup installs it)")
 
 
 @pytest.fixture(scope="module")
