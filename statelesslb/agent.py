@@ -210,9 +210,7 @@ class Agent:
                 self._schedule_retry(1.0)
 
     def _schedule_retry(self, delay: float) -> None:
-        self._schedule_at(delay)
-
-    def _schedule_at(self, delay: float) -> None:
+        """Run an iteration `delay` seconds from now, or earlier if one is due sooner."""
         at = time.monotonic() + max(0.0, delay)
         if self._retry_at is None or at < self._retry_at:
             self._retry_at = at
@@ -249,7 +247,7 @@ class Agent:
         plan = update.plan
         if plan.expires_at is not None:
             # A second-chance window closes then: plan again to drop its flows.
-            self._schedule_at(plan.expires_at - time.time() + 0.05)
+            self._schedule_retry(plan.expires_at - time.time() + 0.05)
         self._log_status_changes(self.plan, plan, update.lbs)
         self.snapshot, self.plan = snapshot, plan
         self.status.flows_expected = len(plan.flows)
@@ -326,7 +324,7 @@ class Agent:
         due = self.writer.next_due()
         if due is not None:
             # A bucket change waits for the backends to hold the previous set.
-            self._schedule_at(due - time.time() + 0.05)
+            self._schedule_retry(due - time.time() + 0.05)
         return nb_view
 
     @staticmethod

@@ -45,7 +45,8 @@ from statelesslb.validate import (
     topology_deps,
 )
 
-# The writer sees every marked LB on every change: validate each one only when it changed.
+# reconcile_nb (the from-scratch path: tests, bench/core_scale.py) sees every LB on each
+# call: across calls, it validates an LB again only when its row or the topology changed.
 _VALIDATION = ValidationMemo()
 
 MAX_BUCKET_ID = 0xFFFFFF00   # OFPG15_BUCKET_MAX

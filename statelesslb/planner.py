@@ -64,6 +64,7 @@ from statelesslb.validate import (
     ValidBackend,
     ValidLb,
     ValidVip,
+    changed_keys,
     is_marked,
     parse_endpoint,
     parse_mac,
@@ -149,8 +150,6 @@ class PlanConfig:
         _check_range("gateway_zone", self.gateway_zone, 1, 0xFFFF)
         if self.sentinel_table in self.private_tables:
             raise ValueError("sentinel_table must not be one of the private tables")
-        if self.group_id_base + 2 * (MAX_VIP_ID + 1) > OFPG_MAX:
-            raise ValueError("group_id_base leaves no room for the previous-set groups")
 
     @property
     def cookie_value(self) -> int:
@@ -382,8 +381,7 @@ class IncrementalPlanner:
         self.config = config or PlanConfig()
         self._topology = TopologyCache()
         self._validation = validation or ValidationMemo()
-        self._context_source: tuple[object, ...] = ()
-        self._context: object = None
+        self._context: tuple[object, ...] | None = None   # (chassis, tables) last planned for
         self._parts: dict[str, _Part] = {}
         self._windows: dict[str, float] = {}     # uuid -> until, open windows only
         self._sb: SbView | None = None
@@ -465,16 +463,15 @@ class IncrementalPlanner:
         """Whether every LB must be planned again: new chassis or tables, or a
         topology change whose reach cannot be told."""
         unknown_reach = topology.key is None or (topology.changed and topology.changes is None)
-        source = (snapshot.chassis, snapshot.tables)
-        if self._context is not None and same_objects(source, self._context_source):
+        context: tuple[object, ...] | None = (snapshot.chassis, snapshot.tables)
+        if self._context is not None and same_objects(context, self._context):
             return unknown_reach
         try:
-            context = (snapshot.chassis, snapshot.tables)
             hash(context)
         except Exception:
-            context = None
+            context = None   # odd values: plan everything, every time
         changed = context is None or context != self._context
-        self._context_source, self._context = source, context
+        self._context = context
         return changed or unknown_reach
 
 
@@ -709,11 +706,8 @@ def _sb_changes(old: SbView | None, new: SbView) -> set[object] | None:
     try:
         for kind, before, after in (("datapath", old.datapath_keys, new.datapath_keys),
                                     ("port", old.port_bindings, new.port_bindings)):
-            if before is after:
-                continue
-            for key in before.keys() | after.keys():
-                if before.get(key) != after.get(key):
-                    changed.add((kind, key))
+            if before is not after:
+                changed.update((kind, key) for key in changed_keys(before, after))
     except Exception:
         return None
     return changed
@@ -848,30 +842,31 @@ def _plan_gateway(
             problems.append(f"no usable SB port binding for gateway port {show(dgp)} yet")
         else:
             dgp_keys.append(binding.tunnel_key)
-    groups = []
+    # Every backend's router port, drained ones too (affinity keeps their flows); a
+    # stand-in borrows the port of a backend listed under some VIP.
     rp_keys: dict[str, int] = {}
     for vip in valid.vips:
-        for backend in vip.backends:   # drained ones too: affinity keeps their flows
+        for backend in vip.backends:
             binding = _binding(sb, backend.router_port_name)
             if binding is not None and binding.datapath_key == router_dp:
                 rp_keys[backend.router_port_name] = binding.tunnel_key
+    groups = []
+    for vip in valid.vips:
         buckets = {}
         members = _gateway_members(valid, vip, ids, sb)
         for bucket_id, backend in members:
-            binding = _binding(sb, backend.router_port_name)
-            if binding is None or binding.datapath_key != router_dp:
+            rp_key = rp_keys.get(backend.router_port_name)
+            if rp_key is None:
                 problems.append(
                     f"no usable SB port binding for router port "
                     f"{show(backend.router_port_name)} yet")
                 continue
-            rp_keys[backend.router_port_name] = binding.tunnel_key
             if valid.affinity:
                 # New flows go on to the commit table, which remembers the bucket.
                 buckets[bucket_id] = _steer_actions(
-                    backend, binding.tunnel_key, f"resubmit(,{config.gateway_commit_table})")
+                    backend, rp_key, f"resubmit(,{config.gateway_commit_table})")
             else:
-                buckets[bucket_id] = _bucket_actions(
-                    backend, binding.tunnel_key, snapshot.tables)
+                buckets[bucket_id] = _bucket_actions(backend, rp_key, snapshot.tables)
         groups.append((vip, GroupSpec(config.group_id_base + ids.vip_ids[vip.key],
                                       GROUP_FIELDS, buckets), members))
     if problems:

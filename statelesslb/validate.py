@@ -225,7 +225,8 @@ def topology_deps(valid: ValidLb) -> frozenset[tuple[str, object]]:
     return frozenset(deps)
 
 
-def _changed_keys(before: Mapping, after: Mapping) -> set:
+def changed_keys(before: Mapping, after: Mapping) -> set:
+    """The keys whose values differ between two mappings (present in one only, too)."""
     return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
 
@@ -233,7 +234,7 @@ def _topology_changes(old_nb: NbView, old: TopologyIndex,
                       new_nb: NbView, new: TopologyIndex) -> TopologyChanges | None:
     """What changed between two topologies, or None (a fuzzer's odd values)."""
     try:
-        lrps = _changed_keys(old_nb.router_ports, new_nb.router_ports)
+        lrps = changed_keys(old_nb.router_ports, new_nb.router_ports)
         routers = {
             u for u in old_nb.routers.keys() | new_nb.routers.keys()
             if _router_shape(old_nb.routers.get(u)) != _router_shape(new_nb.routers.get(u))}
@@ -241,14 +242,14 @@ def _topology_changes(old_nb: NbView, old: TopologyIndex,
             for router in view.routers.values():
                 if not lrps.isdisjoint(_str_tuple(router.ports)):
                     routers.add(_as_str(router.uuid))
-        routers.update(_changed_keys(old.attachments, new.attachments))
+        routers.update(changed_keys(old.attachments, new.attachments))
         ips: set[object] = set()
         for switch in old.addresses.keys() | new.addresses.keys():
-            ips.update(_changed_keys(old.addresses.get(switch, {}),
+            ips.update(changed_keys(old.addresses.get(switch, {}),
                                      new.addresses.get(switch, {})))
-        lsps = (_changed_keys(old_nb.switch_ports, new_nb.switch_ports)
-                | _changed_keys(old.switches_of_lsp, new.switches_of_lsp)
-                | _changed_keys(old.macs_of_lsp, new.macs_of_lsp))
+        lsps = (changed_keys(old_nb.switch_ports, new_nb.switch_ports)
+                | changed_keys(old.switches_of_lsp, new.switches_of_lsp)
+                | changed_keys(old.macs_of_lsp, new.macs_of_lsp))
         return TopologyChanges(frozenset(routers), frozenset(ips), frozenset(lsps))
     except Exception:    # a fuzzer's view: unhashable or odd values
         return None
@@ -338,12 +339,10 @@ class ValidationMemo:
         return self
 
     def validate(self, lb: NbLoadBalancer, nb: NbView,
-                 index: TopologyIndex | None = None) -> ValidLb | LbError:
+                 index: TopologyIndex) -> ValidLb | LbError:
         """validate_lb(lb, nb, index) for the `nb` given to the last scope()."""
         if self._topology is None:
             return validate_lb(lb, nb, index)
-        if index is None:
-            index = index_topology(nb)
         try:
             # The topology key leaves out which routers hold which LB: this LB's are here.
             key = (lb.uuid, lb.name, lb.protocol, frozenset(lb.vips.items()),

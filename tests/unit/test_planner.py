@@ -286,6 +286,21 @@ def test_missing_sb_data_is_pending_never_a_key_error(topo, missing, chassis, re
     assert status.state == "pending" and reason in status.message
 
 
+@pytest.mark.parametrize("port, what", [
+    ("lr0-public", "gateway port"),
+    ("lr0-ls0", "router port"),
+])
+def test_router_side_binding_on_another_datapath_is_pending(topo, port, what):
+    # Its tunnel key means nothing on the router's datapath (a stale or reused name).
+    topo.port_bindings[port] = dataclasses.replace(
+        topo.port_bindings[port], datapath_key=topo.datapath_keys["uuid-ls-ls0"])
+    result = planned(topo, "gw1")
+    status = result.lb_status["uuid-lb-lb0"]
+    assert status.state == "pending"
+    assert f"no usable SB port binding for {what} {port} yet" in status.message
+    assert lb_flows(result) == [] and result.groups == {}
+
+
 def test_missing_backend_binding_skips_only_that_backend(topo):
     topo.port_bindings.pop("vm1")
     result = planned(topo, "hv2")
