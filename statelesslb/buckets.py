@@ -98,16 +98,22 @@ def allocate_ids(
     return dict(sorted(result.items()))
 
 
+def _json_or_none(text: str) -> object:
+    """The JSON value of `text`, or None when it is not JSON. Nesting too deep for the
+    parser (RecursionError) is malformed input too: NB text must never crash a pass."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def parse_id_map(text: str | None) -> dict[str, int] | None:
     """Parse a persisted id map. Absent (None) -> {}; malformed -> None."""
     if text is None:
         return {}
     if not isinstance(text, str):
         return None
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
+    data = _json_or_none(text)
     if not isinstance(data, dict):
         return None
     if not all(isinstance(k, str) and is_plain_int(v) and v >= 1 for k, v in data.items()):
@@ -128,10 +134,7 @@ def parse_drain_checked(text: str | None) -> tuple[frozenset[str], bool]:
     """
     if text is None:
         return frozenset(), False
-    try:
-        data = json.loads(text) if isinstance(text, str) else None
-    except (ValueError, RecursionError):
-        data = None
+    data = _json_or_none(text) if isinstance(text, str) else None
     if not isinstance(data, list):
         return frozenset(), True
     keys = {canonical_endpoint_key(entry) for entry in data}
@@ -481,10 +484,7 @@ def parse_active(text: object) -> ActiveSet:
     """
     if not isinstance(text, str) or len(text) > 1_000_000:
         return {}
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return {}
+    data = _json_or_none(text)
     out: ActiveSet = {}
     if not isinstance(data, dict):
         return {}
@@ -506,10 +506,7 @@ def parse_previous(text: object) -> tuple[float, ActiveSet] | None:
     """(since, active set) of `statelesslb:previous`, or None."""
     if not isinstance(text, str) or len(text) > 1_000_000:
         return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
+    data = _json_or_none(text)
     if not isinstance(data, dict) or not isinstance(data.get("since"), int | float):
         return None
     vips = parse_active(json.dumps(data.get("vips")))

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from statelesslb import diff
 from statelesslb.buckets import NbReconciler, dump_drain, reconcile_nb
 from statelesslb.model import (
+    EXT_ACTIVE,
+    EXT_BUCKETS,
     EXT_DRAIN,
+    EXT_PREVIOUS,
     EXT_VIP_IDS,
     MODE_OPTION,
     PERSISTENCE_OPTION,
@@ -287,6 +291,33 @@ def test_a_moved_vm_re_plans_only_the_lbs_it_backs():
     assert update.plan == plan(Snapshot(world.nb(), world.sb(), "hv1", TABLES), PlanConfig(),
                                world.now)
     assert len(update.plan.flows) < len(first.plan.flows)   # vm4's DNAT left hv1
+
+
+@pytest.mark.parametrize("key", [EXT_ACTIVE, EXT_PREVIOUS, EXT_VIP_IDS, EXT_BUCKETS, EXT_DRAIN])
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"a":' * 100_000], ids=["list", "object"])
+def test_json_nested_too_deep_for_the_parser_harms_no_other_lb(key, text):
+    """json.loads raises RecursionError, not ValueError, on such text: it is malformed
+    input like any other, never an exception out of the writer or the planner."""
+    world = World().populated()
+    config = PlanConfig()
+    planner, reconciler = IncrementalPlanner(config), NbReconciler()
+    before = planner.update(Snapshot(world.nb(), world.sb(), "gw1", TABLES), world.now).plan
+    reconciler.reconcile(world.nb(), world.now)
+    bad, good = world.uuid(0), world.uuid(1)
+    lb = world.topo.load_balancers[bad]
+    world.topo.load_balancers[bad] = dataclasses.replace(
+        lb, external_ids={**lb.external_ids, key: text})
+    nb = world.nb()
+    written = reconciler.reconcile(nb, world.now, frozenset({bad}))
+    assert written == reconcile_nb(nb.load_balancers.values(), nb, now=world.now)
+    assert good not in written
+    snapshot = Snapshot(nb, world.sb(), "gw1", TABLES)
+    after = planner.update(snapshot, world.now, frozenset({bad})).plan
+    assert after == plan(snapshot, config, world.now)
+    assert after.lb_status[good] == before.lb_status[good]
+    assert after.lb_status[bad].state in ("ok", "pending")
+    for line in lines_of(after):
+        assert STRICT_LINE.match(line), line
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
