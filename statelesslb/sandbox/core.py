@@ -456,8 +456,8 @@ class Chassis:
         return self.sandbox.run(argv, env=self.env, timeout=timeout, check=check)
 
     def vsctl(self, *args: str, timeout: float = 30.0) -> str:
-        return self.run([self.sandbox.bin["ovs-vsctl"], f"--db={self.ovs_db}",
-                         f"--timeout={max(1, int(timeout))}", *args], timeout=timeout + 5)
+        return self.sandbox.db_ctl("ovs-vsctl", self.ovs_db, *args, timeout=timeout,
+                                   env=self.env)
 
     def ofctl(self, command: str, *args: str, bridge: str = "br-int",
               protocol: str = "OpenFlow15", opts: Sequence[str] = ()) -> str:
@@ -765,6 +765,14 @@ class Sandbox:
         return f"{self.net_dir}/ovs-vswitchd.ctl"
 
     @property
+    def net_db(self) -> str:
+        return f"unix:{self.net_dir}/db.sock"
+
+    @property
+    def northd_ctl(self) -> str:
+        return f"{self.run_dir}/northd/ovn-northd.ctl"
+
+    @property
     def client_pcap(self) -> str:
         return f"{self.net_dir}/{CLIENT_PORT}-tx.pcap"
 
@@ -783,8 +791,8 @@ class Sandbox:
     def socket_paths(self) -> list[str]:
         net, run = self.net_dir, self.run_dir
         paths = [self.nb[5:], self.sb[5:], f"{run}/nb/ovsdb-server.ctl",
-                 f"{run}/sb/ovsdb-server.ctl", f"{run}/northd/ovn-northd.ctl",
-                 f"{net}/db.sock", f"{net}/ovsdb-server.ctl", self.net_ctl,
+                 f"{run}/sb/ovsdb-server.ctl", self.northd_ctl,
+                 self.net_db[5:], f"{net}/ovsdb-server.ctl", self.net_ctl,
                  f"{net}/{UNDERLAY_BRIDGE}.snoop", f"{net}/{EXTERNAL_BRIDGE}.mgmt"]
         for c in self.chassis.values():
             paths += c.socket_paths()
@@ -817,25 +825,28 @@ class Sandbox:
             raise CommandError(argv, proc.returncode, proc.stdout, proc.stderr)
         return proc.stdout
 
+    def db_ctl(self, tool: str, db: str, *args: str, timeout: float = 30.0,
+               env: dict[str, str] | None = None) -> str:
+        """`TOOL --db=DB --timeout=T ARGS` (ovs-vsctl, ovn-nbctl, ovn-sbctl); the process
+        gets 5 s more, so the tool's own timeout error is the one reported."""
+        return self.run([self.bin[tool], f"--db={db}", f"--timeout={max(1, int(timeout))}",
+                         *args], env=env, timeout=timeout + 5)
+
     def nbctl(self, *args: str, timeout: float = 30.0) -> str:
-        return self.run([self.bin["ovn-nbctl"], f"--db={self.nb}",
-                         f"--timeout={max(1, int(timeout))}", *args], timeout=timeout + 5)
+        return self.db_ctl("ovn-nbctl", self.nb, *args, timeout=timeout)
 
     def sbctl(self, *args: str, timeout: float = 30.0) -> str:
-        return self.run([self.bin["ovn-sbctl"], f"--db={self.sb}",
-                         f"--timeout={max(1, int(timeout))}", *args], timeout=timeout + 5)
+        return self.db_ctl("ovn-sbctl", self.sb, *args, timeout=timeout)
 
     def net_vsctl(self, *args: str) -> str:
         """ovs-vsctl on the underlay/external network's database."""
-        return self.run([self.bin["ovs-vsctl"], f"--db=unix:{self.net_dir}/db.sock",
-                         "--timeout=30", *args], env=_dir_env(self.net_dir))
+        return self.db_ctl("ovs-vsctl", self.net_db, *args, env=_dir_env(self.net_dir))
 
     def net_appctl(self, *args: str) -> str:
         return self.run([self.bin["ovs-appctl"], "-t", self.net_ctl, *args])
 
     def northd_appctl(self, *args: str) -> str:
-        return self.run([self.bin["ovn-appctl"], "-t",
-                         f"{self.run_dir}/northd/ovn-northd.ctl", *args])
+        return self.run([self.bin["ovn-appctl"], "-t", self.northd_ctl, *args])
 
     def sb_rows(self, table: str, *conditions: str,
                 columns: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -1047,12 +1058,12 @@ class Sandbox:
             "run_dir": str(self.run_dir),
             "nb": self.nb,
             "sb": self.sb,
-            "northd_ctl": f"{self.run_dir}/northd/ovn-northd.ctl",
+            "northd_ctl": self.northd_ctl,
             "physnet": self.physnet,
             "gateways": self.gateways,
             "hypervisors": self.hypervisors,
             "underlay": {
-                "ovs_db": f"unix:{self.net_dir}/db.sock",
+                "ovs_db": self.net_db,
                 "vswitchd_ctl": self.net_ctl,
                 "bridge": UNDERLAY_BRIDGE,
                 "cidr": f"{UNDERLAY_PREFIX}0/24",
@@ -1218,7 +1229,7 @@ class Sandbox:
                          "--", "set", "Interface", port, "type=dummy",
                          f"options:pstream=punix:{net}/{port}.sock"]
         self.net_vsctl(*args)
-        self.start_daemon("net/ovs-vswitchd", self.bin.vswitchd, net, f"unix:{net}/db.sock",
+        self.start_daemon("net/ovs-vswitchd", self.bin.vswitchd, net, self.net_db,
                           self.enable_dummy_arg, "-vvconn:warn")
 
     def down(self, timeout: float = 5.0) -> list[str]:
