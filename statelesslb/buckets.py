@@ -126,21 +126,25 @@ def dump_id_map(ids: Mapping[str, int]) -> str:
     return json.dumps(dict(ids), sort_keys=True, separators=(",", ":"))
 
 
-def parse_drain_checked(text: str | None) -> tuple[frozenset[str], bool]:
-    """(canonical drained backend keys, True if the text was partly or wholly malformed).
+def parse_drain_checked(text: str | None) -> tuple[frozenset[str], list[object]]:
+    """(canonical drained backend keys, what was dropped as malformed).
 
-    Wholly malformed text (not a JSON list) drains nothing; entries that are
-    not IP:port strings are dropped.
+    Wholly malformed text (not a JSON list) drains nothing and is dropped whole;
+    otherwise the entries that are not IP:port strings are dropped.
     """
     if text is None:
-        return frozenset(), False
+        return frozenset(), []
     data = _json_or_none(text) if isinstance(text, str) else None
     if not isinstance(data, list):
-        return frozenset(), True
-    keys = {canonical_endpoint_key(entry) for entry in data}
-    malformed = None in keys
-    keys.discard(None)
-    return frozenset(keys), malformed
+        return frozenset(), [text]
+    keys, dropped = set(), []
+    for entry in data:
+        key = canonical_endpoint_key(entry)
+        if key is None:
+            dropped.append(entry)
+        else:
+            keys.add(key)
+    return frozenset(keys), dropped
 
 
 def parse_drain(text: str | None) -> frozenset[str]:
@@ -331,8 +335,8 @@ def _desired_ids(
         return {EXT_STATUS: _error_status(str(exhausted))}
     blocked_vip_ids.update(vip_ids.values())
 
-    drained, drain_malformed = parse_drain_checked(ext.get(EXT_DRAIN))
-    if drain_malformed:
+    drained, drain_dropped = parse_drain_checked(ext.get(EXT_DRAIN))
+    if drain_dropped:
         notes.append(f"{EXT_DRAIN} is not a JSON list of IP:port strings; bad entries ignored")
     unknown = sorted(drained - set(valid.backend_keys))
     if unknown:

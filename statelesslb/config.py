@@ -60,8 +60,11 @@ OVS_OPTS = [
     ),
     cfg.StrOpt("ovs_rundir", default="/var/run/openvswitch", help="OVS run directory."),
     cfg.StrOpt("ofctl_path", default="ovs-ofctl", help="The ovs-ofctl binary."),
-    cfg.StrOpt("appctl_path", default="ovs-appctl",
-               help="The ovs-appctl binary (statelesslb-ctl trace runs ofproto/trace)."),
+    cfg.StrOpt(
+        "appctl_path",
+        help="The ovs-appctl binary (statelesslb-ctl trace runs ofproto/trace). "
+        "Default: ovs-appctl next to ofctl_path.",
+    ),
     cfg.StrOpt(
         "vswitchd_ctl",
         help="ovs-vswitchd's control socket, for traces. Default: "

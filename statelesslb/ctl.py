@@ -26,6 +26,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -41,12 +42,14 @@ from statelesslb.buckets import dump_drain, parse_drain_checked, parse_id_map
 from statelesslb.model import EXT_BUCKETS, EXT_DRAIN, MODE_OPTION
 from statelesslb.validate import (
     NO_PORT,
-    canonical_endpoint_key,
+    SUPPORTED_PROTOCOLS,
+    endpoint_key,
     is_marked,
     parse_endpoint,
     parse_ip,
     parse_port,
     show,
+    vip_backend_keys,
 )
 
 PROG = "statelesslb-ctl"
@@ -55,7 +58,6 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 DEFAULT_TIMEOUT = 15.0
-PROTOCOLS = ("tcp", "udp")
 _MAX_LB_REF = 255
 
 
@@ -85,7 +87,7 @@ def check_endpoint(text: str, what: str) -> str:
                        EXIT_USAGE)
     if isinstance(parsed, str):
         raise CtlError(f"{what} {show(text)} {parsed}", EXIT_USAGE)
-    return canonical_endpoint_key(text) or text
+    return endpoint_key(*parsed)
 
 
 def check_trace_args(src_ip: str, src_port: str, proto: str | None) -> tuple[str, str, str]:
@@ -95,9 +97,22 @@ def check_trace_args(src_ip: str, src_port: str, proto: str | None) -> tuple[str
     port = parse_port(src_port)
     if port is None:
         raise CtlError(f"SRC_PORT {show(src_port)} is not a port in 1..65535", EXIT_USAGE)
-    if proto is not None and proto.lower() not in PROTOCOLS:
+    if proto is not None and proto.lower() not in SUPPORTED_PROTOCOLS:
         raise CtlError(f"PROTO {show(proto)} is not tcp or udp", EXIT_USAGE)
     return str(ip), str(port), proto.lower() if proto else ""
+
+
+def timeout_seconds(text: str) -> float:
+    """argparse type of --timeout: 0 or less would silently drop the limit, inf overflows
+    setitimer and nan slips past every comparison."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{show(text)} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{show(text)} is not a positive, finite number "
+                                         "of seconds")
+    return seconds
 
 
 # ---------------------------------------------------------------------------
@@ -111,40 +126,20 @@ class DrainEdit:
     dropped: list[str]        # malformed entries of the old list, not written back
 
 
-def backends_by_vip(vips: Mapping[str, str]) -> dict[str, list[str]]:
-    """VIP key -> its backends' canonical keys (raw text where one does not parse)."""
-    result = {}
-    for raw_vip, text in sorted(vips.items()):
-        backends = [b.strip(" \t") for b in text.split(",") if b.strip(" \t")]
-        result[canonical_endpoint_key(raw_vip) or raw_vip] = [
-            canonical_endpoint_key(b) or b for b in backends]
-    return result
-
-
-def _malformed_entries(text: str | None) -> list[str]:
-    try:
-        data = json.loads(text or "")
-    except ValueError:
-        return [show(text)]
-    if not isinstance(data, list):
-        return [show(text)]
-    return [show(e) for e in data if canonical_endpoint_key(e) is None]
-
-
 def edit_drain(lb_name: str, vips: Mapping[str, str], drain_text: str | None,
                backend: str, drain: bool, force: bool = False) -> DrainEdit:
     """The drain list after draining (or undraining) canonical `backend`."""
     current, malformed = parse_drain_checked(drain_text)
-    dropped = _malformed_entries(drain_text) if malformed else []
-    by_vip = backends_by_vip(vips)
-    known = sorted({b for backends in by_vip.values() for b in backends})
+    dropped = [show(entry) for entry in malformed]
+    by_vip = vip_backend_keys(vips)
+    known = sorted({b for _, backends in by_vip for b in backends})
     if drain:
         if backend not in known:
             raise CtlError(f"{backend} is not a backend of {show(lb_name)} "
                            f"(its backends: {', '.join(known) or 'none'})")
         new = current | {backend}
         if not force:
-            for vip, backends in by_vip.items():
+            for vip, backends in by_vip:
                 if backend in backends and all(b in new for b in backends):
                     raise CtlError(
                         f"draining {backend} would leave VIP {vip} of {show(lb_name)} with "
@@ -646,11 +641,8 @@ def cmd_trace(ctx: Context) -> Result:
     lb = check_lb_ref(a.lb)
     src_ip, src_port, proto = check_trace_args(a.src_ip, a.src_port, a.proto)
     vip = [check_endpoint(a.vip, "VIP")] if a.vip else []
-    agent = ctx.agent()
-    if not proto:
-        # The LB's own protocol: one question to the agent, no guessing.
-        proto = agent.call("lb-show", lb).get("protocol") or "tcp"
-    doc = agent.call("trace", lb, src_ip, src_port, proto, *vip)
+    # An empty PROTO: the agent traces with the LB's own protocol.
+    doc = ctx.agent().call("trace", lb, src_ip, src_port, proto, *vip)
     return doc, render_trace(doc, a.verbose)
 
 
@@ -696,7 +688,7 @@ def _common(parser: argparse.ArgumentParser, defaults: bool) -> None:
                         "/etc/statelesslb/statelesslb.conf if it exists)")
     parser.add_argument("--format", choices=("table", "json"), default=d("table"),
                         help="table (default) or json (schemas: docs/operation.md)")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--timeout", type=timeout_seconds, metavar="SECONDS",
                         default=d(DEFAULT_TIMEOUT), help="give up after this long")
     parser.add_argument("--debug", action="store_true", default=d(False),
                         help="log what happens, with tracebacks, on stderr")

@@ -13,6 +13,7 @@ Commands (reply schemas: docs/operation.md):
     groups [LB]                  installed groups with per-bucket counters
     trace LB SRC_IP SRC_PORT PROTO [VIP:PORT]
                                  which bucket the gateway picks for that flow
+                                 (PROTO "": the LB's own)
     plan                         the desired flows and groups as bundle lines
     resync                       re-read the bridge and reinstall what differs
 
@@ -32,7 +33,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from ipaddress import IPv6Address
 from typing import TYPE_CHECKING, Any
 
 import ovs.poller
@@ -53,15 +53,32 @@ from statelesslb.model import (
     NbLoadBalancer,
     Snapshot,
 )
-from statelesslb.ofstrings import checked_piece, dec_int, hex_int, ip_text, mac_text
+from statelesslb.ofstrings import (
+    checked_piece,
+    dec_int,
+    endpoint_text,
+    hex_int,
+    ip_text,
+    mac_text,
+)
 from statelesslb.openflow import InstalledGroup, OfctlError
-from statelesslb.planner import BUCKET_WEIGHT, GROUP_FIELDS, Plan, PlanConfig
+from statelesslb.planner import (
+    BUCKET_WEIGHT,
+    GROUP_FIELDS,
+    Plan,
+    PlanConfig,
+    l4_match,
+    usable_binding,
+    usable_datapath_key,
+)
 from statelesslb.predict import HASH_IMPLS, FlowTuple, bucket_scores
 from statelesslb.validate import (
     DEFAULT_PERSISTENCE,
+    SUPPORTED_PROTOCOLS,
     LbError,
     ValidLb,
-    canonical_endpoint_key,
+    ValidVip,
+    endpoint_key,
     is_marked,
     parse_endpoint,
     parse_ip,
@@ -69,6 +86,7 @@ from statelesslb.validate import (
     parse_port,
     show,
     validate_lb,
+    vip_backend_keys,
 )
 
 if TYPE_CHECKING:
@@ -76,7 +94,6 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
-PROTOCOLS = ("tcp", "udp")
 # A traced packet needs some source MAC; the intercept flow does not match on it.
 TRACE_SRC_MAC = "02:00:00:00:00:01"
 TRACE_TTL = 64
@@ -187,16 +204,6 @@ def _not_gateway_note(snapshot: Snapshot, lb: NbLoadBalancer) -> str:
             + (f" ({where})" if where else ""))
 
 
-def _raw_vips(lb: NbLoadBalancer) -> list[tuple[str, list[str]]]:
-    """VIPs and backends as canonical keys where they parse, raw text otherwise."""
-    vips = []
-    for raw_key, text in sorted(lb.vips.items()):
-        backends = [b.strip(" \t") for b in text.split(",") if b.strip(" \t")]
-        vips.append((canonical_endpoint_key(raw_key) or raw_key,
-                     [canonical_endpoint_key(b) or b for b in backends]))
-    return vips
-
-
 def _plan_entry(plan: Plan | None, lb: NbLoadBalancer) -> dict[str, Any] | None:
     status = plan.lb_status.get(lb.uuid) if plan else None
     return asdict(status) if status else None
@@ -215,7 +222,7 @@ def lb_list_doc(snapshot: Snapshot | None, plan: Plan | None) -> list[dict[str, 
         entry["nb_status"] = lb.external_ids.get(EXT_STATUS) if lb else None
         entry["persistence"] = (lb.options.get(PERSISTENCE_OPTION, DEFAULT_PERSISTENCE)
                                 if lb else None)
-        entry["vips"] = [key for key, _ in _raw_vips(lb)] if lb else []
+        entry["vips"] = [key for key, _ in vip_backend_keys(lb.vips)] if lb else []
         entries.append(entry)
     return entries
 
@@ -227,7 +234,7 @@ def lb_show_doc(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
     ids = lb_ids(lb)
     details = _backend_details(snapshot, valid)
     vips = []
-    for vip_key, backends in _raw_vips(lb):
+    for vip_key, backends in vip_backend_keys(lb.vips):
         vip_id = ids.vip_ids.get(vip_key)
         group_id = config.group_id_base + vip_id if vip_id is not None else None
         planned = plan.groups.get(group_id) if plan and group_id is not None else None
@@ -302,15 +309,17 @@ def parse_group_stats(dump: str) -> dict[int, GroupStats]:
 
 
 def group_owners(snapshot: Snapshot, config: PlanConfig
-                 ) -> dict[int, tuple[NbLoadBalancer, str, str]]:
-    """Group id -> (marked LB, VIP key, kind), from the NB writer's VIP ids."""
+                 ) -> dict[int, tuple[NbLoadBalancer, LbIds, str, str]]:
+    """Group id -> (marked LB, its ids, VIP key, kind), from the NB writer's VIP ids."""
     owners = {}
     for lb in snapshot.nb.load_balancers.values():
         if isinstance(lb, NbLoadBalancer) and is_marked(lb):
-            for vip_key, vip_id in lb_ids(lb).vip_ids.items():
-                owners.setdefault(config.group_id_base + vip_id, (lb, vip_key, GROUP_GATEWAY))
+            ids = lb_ids(lb)
+            for vip_key, vip_id in ids.vip_ids.items():
+                owners.setdefault(config.group_id_base + vip_id,
+                                  (lb, ids, vip_key, GROUP_GATEWAY))
                 owners.setdefault(config.previous_group_base + vip_id,
-                                  (lb, vip_key, GROUP_PREVIOUS))
+                                  (lb, ids, vip_key, GROUP_PREVIOUS))
     return owners
 
 
@@ -324,17 +333,18 @@ def groups_doc(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
     """
     lb_filter = find_lb(snapshot, ref) if ref is not None else None
     owners = group_owners(snapshot, config)
-    details_cache: dict[str, dict[str, dict[str, Any]]] = {}
+    no_ids = LbIds({}, {}, frozenset())
+    # An LB owns several groups: its bucket map and backend details, once per LB.
+    per_lb: dict[str, tuple[dict[int, str], dict[str, dict[str, Any]]]] = {}
     groups = []
     for group_id, group in sorted(installed.items()):
-        lb, vip_key, kind = owners.get(group_id, (None, None, None))
+        lb, ids, vip_key, kind = owners.get(group_id, (None, no_ids, None, None))
         if lb_filter is not None and (lb is None or lb.uuid != lb_filter.uuid):
             continue
-        ids = lb_ids(lb) if lb else LbIds({}, {}, frozenset())
-        if lb is not None and lb.uuid not in details_cache:
-            details_cache[lb.uuid] = _backend_details(snapshot, _valid(snapshot, lb))
-        details = details_cache.get(lb.uuid, {}) if lb else {}
-        backend_of = ids.backend_of_bucket
+        if lb is not None and lb.uuid not in per_lb:
+            per_lb[lb.uuid] = (ids.backend_of_bucket,
+                               _backend_details(snapshot, _valid(snapshot, lb)))
+        backend_of, details = per_lb[lb.uuid] if lb is not None else ({}, {})
         counters = stats.get(group_id, GroupStats(0, 0, ()))
         buckets = []
         for position, (bucket_id, body) in enumerate(group.buckets.items()):
@@ -402,7 +412,10 @@ class TraceRequest:
 
 def trace_request(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
                   argv: list[str]) -> TraceRequest:
-    """Check `trace LB SRC_IP SRC_PORT PROTO [VIP:PORT]` and build the packet to trace."""
+    """Check `trace LB SRC_IP SRC_PORT PROTO [VIP:PORT]` and build the packet to trace.
+
+    An empty PROTO traces with the LB's own protocol.
+    """
     lb_ref, src_ip_text, src_port_text, proto = argv[:4]
     vip_text = argv[4] if len(argv) > 4 else None
     src_ip = parse_ip(src_ip_text)
@@ -411,13 +424,13 @@ def trace_request(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
     src_port = parse_port(src_port_text)
     if src_port is None:
         raise ValueError(f"source port {show(src_port_text)} is not in 1..65535")
-    if proto not in PROTOCOLS:
+    if proto and proto not in SUPPORTED_PROTOCOLS:
         raise ValueError(f"protocol {show(proto)} is not tcp or udp")
     lb = find_lb(snapshot, lb_ref)
     valid = validate_lb(lb, snapshot.nb)
     if isinstance(valid, LbError):
         raise ValueError(f"load balancer {show(lb.name)} is not usable: {valid.message}")
-    if proto != valid.protocol:
+    if proto and proto != valid.protocol:
         raise ValueError(f"load balancer {show(lb.name)} balances {valid.protocol}, not {proto}")
     vip = _choose_vip(valid, vip_text)
     if src_ip.version != vip.ip.version:
@@ -429,24 +442,27 @@ def trace_request(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
     group_id = config.group_id_base + vip_id
     if plan is None or group_id not in plan.groups:
         raise ValueError(_not_gateway_note(snapshot, lb) + ": run the trace there")
-    dgp_keys = [snapshot.sb.port_bindings[dgp].tunnel_key for dgp in valid.dgps
-                if _binding_chassis(snapshot, "cr-" + dgp) == snapshot.chassis
-                and dgp in snapshot.sb.port_bindings]
-    if not dgp_keys:
+    local = [dgp for dgp in valid.dgps
+             if _binding_chassis(snapshot, "cr-" + dgp) == snapshot.chassis]
+    if not local:
         # A standby holds the groups too, but no traffic of the VIP comes here.
         raise ValueError(_not_gateway_note(snapshot, lb) + ": run the trace there")
-    router_dp = snapshot.sb.datapath_keys.get(valid.router_uuid)
-    dgp_port = snapshot.nb.router_ports.get(valid.dgps[0])
-    dgp_mac = parse_mac(dgp_port.mac if dgp_port else None) or TRACE_SRC_MAC
-    if not dgp_keys or router_dp is None:
+    router_dp = usable_datapath_key(snapshot.sb, valid.router_uuid)
+    # inport and destination MAC from one DGP: the packet as that port receives it.
+    usable = [(dgp, binding) for dgp in local
+              if (binding := usable_binding(snapshot.sb, dgp)) is not None
+              and binding.datapath_key == router_dp]
+    if router_dp is None or not usable:
         raise ValueError(f"the SB has no keys for router {show(valid.router_name)} yet")
-    v6 = isinstance(vip.ip, IPv6Address)
-    ip = "ipv6" if v6 else "nw"
+    dgp, dgp_binding = usable[0]
+    dgp_port = snapshot.nb.router_ports.get(dgp)
+    dgp_mac = parse_mac(dgp_port.mac if dgp_port else None) or TRACE_SRC_MAC
+    l4, ip = l4_match(valid.protocol, vip.ip)
     flow = checked_piece(",".join([
         "in_port=CONTROLLER",
-        proto + ("6" if v6 else ""),
+        l4,
         f"metadata={hex_int(router_dp)}",
-        f"reg14={hex_int(dgp_keys[0])}",
+        f"reg14={hex_int(dgp_binding.tunnel_key)}",
         f"dl_src={mac_text(TRACE_SRC_MAC)}",
         f"dl_dst={mac_text(dgp_mac)}",
         f"{ip}_src={ip_text(src_ip)}",
@@ -456,8 +472,8 @@ def trace_request(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
         f"tp_dst={dec_int(vip.port, 0xFFFF)}",
     ]))
     actions = checked_piece(f"resubmit(,{dec_int(snapshot.tables.lr_in_intercept, 254)})")
-    source = f"[{src_ip}]:{src_port}" if v6 else f"{src_ip}:{src_port}"
-    packet = FlowTuple.make(src_ip, vip.ip, proto, src_port, vip.port)
+    source = endpoint_text(src_ip, src_port)
+    packet = FlowTuple.make(src_ip, vip.ip, valid.protocol, src_port, vip.port)
     return TraceRequest(lb, valid, vip.key, group_id, source, flow, actions, packet)
 
 
@@ -482,12 +498,12 @@ def trace_followup(req: TraceRequest, text: str) -> tuple[str, str, int] | None:
     return None
 
 
-def _choose_vip(valid: ValidLb, vip_text: str | None):
+def _choose_vip(valid: ValidLb, vip_text: str | None) -> ValidVip:
     if vip_text is not None:
         parsed = parse_endpoint(vip_text)
         if isinstance(parsed, str):
             raise ValueError(f"VIP {show(vip_text)} {parsed}")
-        key = canonical_endpoint_key(vip_text)
+        key = endpoint_key(*parsed)
         for vip in valid.vips:
             if vip.key == key:
                 return vip
@@ -752,9 +768,10 @@ class CtlServer:
         """
         ofctl = self._ofctl()
         id_min, id_max = self.agent.group_range()
+        plan = self.agent.plan   # replaced whole by the agent: read the reference once
+        known = set(plan.groups) if plan is not None else set()
         try:
             # Per group (Ofctl.groups): a whole-bridge dump-groups can crash OVS 3.1.
-            known = set(self.agent.plan.groups) if self.agent.plan is not None else set()
             before = ofctl.groups(id_min, id_max, known)
             for _ in range(GROUP_READ_ATTEMPTS):
                 stats = parse_group_stats(ofctl.group_stats())
@@ -794,17 +811,13 @@ class CtlServer:
 
     # -- ovs-vswitchd ------------------------------------------------------------------
     def _bridge(self) -> str:
-        conf = self.agent.conf
-        bridge = conf.ovs.bridge
-        if not bridge and self.agent.ovs is not None:
-            from statelesslb.watchers import read_local_ovs
-
-            bridge = read_local_ovs(self.agent.ovs).get("ovn-bridge")
-        return checked_piece(bridge or "br-int")
+        # The bridge the agent programs, chosen by Agent.start before this server starts.
+        return checked_piece(self.agent.bridge)
 
     def _appctl(self, *args: str) -> str:
         conf = self.agent.conf
-        argv = [appctl_binary(conf.ovs.ofctl_path), "-t", vswitchd_ctl(conf), *args]
+        binary = conf.ovs.appctl_path or appctl_binary(conf.ovs.ofctl_path)
+        argv = [binary, "-t", vswitchd_ctl(conf), *args]
         try:
             proc = subprocess.run(argv, capture_output=True, text=True,
                                   timeout=conf.ovs.ofctl_timeout)
@@ -820,17 +833,18 @@ def _bucket_orders(groups: Mapping[int, InstalledGroup]) -> dict[int, list[int]]
 
 
 def appctl_binary(ofctl_path: str) -> str:
-    """ovs-appctl from the same installation as the configured ovs-ofctl."""
+    """ovs-appctl from the same installation as the configured ovs-ofctl ([ovs]
+    appctl_path unset)."""
     head, _ = os.path.split(ofctl_path)
     return os.path.join(head, "ovs-appctl") if head else "ovs-appctl"
 
 
 def vswitchd_ctl(conf, exists: Callable[[str], bool] = os.path.exists,
                  read: Callable[[str], str] | None = None) -> str:
-    """ovs-vswitchd's control socket: [ovs] vswitchd_ctl if that option exists and is set,
-    else <ovs_rundir>/ovs-vswitchd.ctl (an explicit --unixctl), else the packaged
+    """ovs-vswitchd's control socket: [ovs] vswitchd_ctl if set, else
+    <ovs_rundir>/ovs-vswitchd.ctl (an explicit --unixctl), else the packaged
     daemon's <ovs_rundir>/ovs-vswitchd.<pid>.ctl."""
-    explicit = getattr(conf.ovs, "vswitchd_ctl", None)
+    explicit = conf.ovs.vswitchd_ctl
     if explicit:
         return explicit
     rundir = conf.ovs.ovs_rundir

@@ -19,48 +19,27 @@ from pathlib import Path
 
 from statelesslb.sandbox import Sandbox, build_lb_topology
 from statelesslb.sandbox import agents as sandbox_agents
-from statelesslb.sandbox import packets as P
 from statelesslb.sandbox.core import wait_until
 from statelesslb.sandbox.traffic import (
+    broken,
     conntrack_lines,
     create_lb,
-    find_arrival,
     lb_ids,
+    midstream,
+    open_connections,
     our_flows,
     our_groups,
     wait_lb_ready,
 )
 
 VIP = "172.16.0.100"
+FIRST_SPORT = 30000
+MAX_CONNECTIONS = 65535 - FIRST_SPORT + 1   # one client source port each
 BACKENDS = ["10.0.0.11:8080", "10.0.0.12:8080", "10.0.0.13:8080"]
 
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def handshake(sb, topo, sport):
-    """SYN through the gateways, SYN-ACK from the chosen VM, ACK: returns the VM."""
-    sb.client_inject(P.tcp_syn(topo.client_mac, topo.dgp_mac, topo.client_ip, VIP, sport, 80))
-    arrival = find_arrival(sb, topo, topo.client_ip, sport)
-    if arrival is None:
-        return None
-    vm = arrival.vm
-    sb.chassis[vm.chassis].inject(vm.name, P.tcp_synack(
-        vm.mac, topo.router_port_mac, vm.ip, topo.client_ip, 8080, sport))
-    sb.client_inject(P.tcp_ack(topo.client_mac, topo.dgp_mac, topo.client_ip, VIP, sport, 80))
-    return vm
-
-
-def where_packets_went(sb, topo, marker_sport_range, flags):
-    """Map sport -> VM name for TCP packets with `flags` seen at the VMs."""
-    seen = {}
-    for vm in topo.vms:
-        for pkt in sb.chassis[vm.chassis].sent(vm.name):
-            l4 = P.l4(pkt)
-            if P.is_tcp(pkt, flags) and l4.sport in marker_sport_range:
-                seen[l4.sport] = vm.name
-    return seen
 
 
 def run(run_dir: Path, connections: int) -> int:
@@ -93,16 +72,11 @@ def run(run_dir: Path, connections: int) -> int:
         say(f"     bucket {bid}: {body}")
 
     say(f"\n== {connections} TCP connections from the external client {topo.client_ip}")
-    sports = range(30000, 30000 + connections)
-    owner = {}
-    for sport in sports:
-        vm = handshake(sb, topo, sport)
-        if vm is not None:
-            owner[sport] = vm.name
-    counts = Counter(owner.values())
+    conns = open_connections(sb, topo, VIP, range(FIRST_SPORT, FIRST_SPORT + connections))
+    counts = Counter(c.vm for c in conns)
     for vm in topo.vms:
         say(f"   {vm.name}: {counts.get(vm.name, 0)} connections")
-    lost = connections - len(owner)
+    lost = connections - len(conns)
     say(f"   not delivered: {lost}")
     gw_entries = sum(len(conntrack_lines(sb.chassis[g], f"dst={VIP}")) for g in ("gw1", "gw2"))
     hv_entries = sum(len(conntrack_lines(sb.chassis[h], f"dst={VIP}")) for h in ("hv1", "hv2"))
@@ -114,22 +88,31 @@ def run(run_dir: Path, connections: int) -> int:
     wait_until(lambda: set(our_groups(sb.chassis["gw1"])[gid].buckets) == kept, 10, 0.02,
                "the bucket removal on gw1")
     say(f"   gw1's group {gid:#x} now holds buckets {sorted(kept)}: same group, same ids")
-    for sport in owner:
-        sb.client_inject(P.tcp_ack(topo.client_mac, topo.dgp_mac, topo.client_ip, VIP,
-                                   sport, 80, seq=2001, payload=b"x"))
-    time.sleep(1.0)
-    after = where_packets_went(sb, topo, sports, "PA")
-    moved_needed = sum(1 for s, vm in owner.items() if vm == "vm2")
-    collateral = sum(1 for s, vm in owner.items() if vm != "vm2" and after.get(s) != vm)
+    # One data packet per connection: vm2's have to land elsewhere, the others at home.
+    moved = broken(conns, midstream(sb, topo, VIP, conns, b"demo"))
+    moved_needed = sum(1 for c in conns if c.vm == "vm2")
+    collateral = sum(1 for c in moved if c.vm != "vm2")
     say(f"   connections on vm2 that had to move: {moved_needed}")
     say(f"   connections on vm1/vm3 that moved anyway (collateral): {collateral}")
     say(f"\n== Done in {time.monotonic() - t0:.1f}s; stopping the sandbox")
     return 0 if lost == 0 and gw_entries == 0 and collateral == 0 else 1
 
 
+def connection_count(text: str) -> int:
+    """argparse type of --connections: 1 .. MAX_CONNECTIONS."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_CONNECTIONS:
+        raise argparse.ArgumentTypeError(
+            f"{value} is not in 1..{MAX_CONNECTIONS} (one client port each)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="statelesslb-demo", description=__doc__)
-    parser.add_argument("--connections", type=int, default=100)
+    parser.add_argument("--connections", type=connection_count, default=100)
     parser.add_argument("--keep", action="store_true",
                         help="leave the sandbox running (stop it with statelesslb-sandbox down)")
     args = parser.parse_args(argv)

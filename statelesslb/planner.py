@@ -778,7 +778,7 @@ def _read_ids(lb: NbLoadBalancer, valid: ValidLb, now: float) -> _Ids | LbPlanSt
     return _Ids(vip_ids, bucket_ids, parse_drain(ext.get(EXT_DRAIN)), active=active)
 
 
-def _binding(sb: SbView, logical_port: str) -> SbPortBinding | None:
+def usable_binding(sb: SbView, logical_port: str) -> SbPortBinding | None:
     """The SB port binding, if present and carrying usable keys."""
     bindings = sb.port_bindings if isinstance(sb.port_bindings, Mapping) else {}
     binding = bindings.get(logical_port)
@@ -789,13 +789,13 @@ def _binding(sb: SbView, logical_port: str) -> SbPortBinding | None:
     return None
 
 
-def _datapath_key(sb: SbView, nb_uuid: str) -> int | None:
+def usable_datapath_key(sb: SbView, nb_uuid: str) -> int | None:
     keys = sb.datapath_keys if isinstance(sb.datapath_keys, Mapping) else {}
     key = keys.get(nb_uuid)
     return key if is_plain_int(key) and 0 < key <= 0xFFFFFFFF else None
 
 
-def _l4_match(protocol: str, ip: IpAddress) -> tuple[str, str]:
+def l4_match(protocol: str, ip: IpAddress) -> tuple[str, str]:
     """("tcp6", "ipv6") style prefixes for a match on `ip`."""
     if protocol not in ("tcp", "udp"):
         raise ValueError(f"unexpected protocol {protocol!r}")
@@ -813,7 +813,7 @@ def _plan_gateway(
     router_ports = snapshot.nb.router_ports if isinstance(snapshot.nb.router_ports,
                                                           Mapping) else {}
     for dgp in valid.dgps:
-        redirect = _binding(sb, "cr-" + dgp)
+        redirect = usable_binding(sb, "cr-" + dgp)
         port = router_ports.get(dgp)
         candidates = getattr(port, "gateway_chassis", ())
         # Resident here, or a standby that may become so: prepared ahead, the flows
@@ -831,13 +831,13 @@ def _plan_gateway(
     # All or nothing: a group missing a bucket would send that backend's share
     # elsewhere and move it again once the data arrives.
     problems: list[str] = []
-    router_dp = _datapath_key(sb, valid.router_uuid)
+    router_dp = usable_datapath_key(sb, valid.router_uuid)
     if router_dp is None:
         out.pending.append(f"no SB datapath for router {show(valid.router_name)} yet")
         return
     dgp_keys = []
     for dgp in resident:
-        binding = _binding(sb, dgp)
+        binding = usable_binding(sb, dgp)
         if binding is None or binding.datapath_key != router_dp:
             problems.append(f"no usable SB port binding for gateway port {show(dgp)} yet")
         else:
@@ -847,7 +847,7 @@ def _plan_gateway(
     rp_keys: dict[str, int] = {}
     for vip in valid.vips:
         for backend in vip.backends:
-            binding = _binding(sb, backend.router_port_name)
+            binding = usable_binding(sb, backend.router_port_name)
             if binding is not None and binding.datapath_key == router_dp:
                 rp_keys[backend.router_port_name] = binding.tunnel_key
     groups = []
@@ -913,12 +913,12 @@ def _stand_in(key: str, mac: str, lsp: str, valid: ValidLb, sb: SbView) -> Valid
     """
     endpoint = parse_endpoint(key)
     canonical_mac = parse_mac(mac)
-    binding = _binding(sb, lsp)
+    binding = usable_binding(sb, lsp)
     if isinstance(endpoint, str) or canonical_mac is None or binding is None:
         return None
     for vip in valid.vips:
         for other in vip.backends:
-            if _datapath_key(sb, other.switch_uuid) == binding.datapath_key:
+            if usable_datapath_key(sb, other.switch_uuid) == binding.datapath_key:
                 return ValidBackend(endpoint[0], endpoint[1], key, lsp, canonical_mac,
                                     other.switch_uuid, other.router_port_name,
                                     other.router_port_mac)
@@ -936,7 +936,7 @@ def _plan_affinity(
     straight to its bucket's backend (drained ones included), a new one through
     the group, then to the commit table that stores the bucket id in ct_mark.
     """
-    l4, ip_prefix = _l4_match(valid.protocol, vip.ip)
+    l4, ip_prefix = l4_match(valid.protocol, vip.ip)
     vip_part = (f"{l4},metadata={hex_int(router_dp)},{ip_prefix}_dst={ip_text(vip.ip)},"
                 f"tp_dst={dec_int(vip.port, 0xFFFF)}")
     zone = f"zone={dec_int(config.gateway_zone, 0xFFFF)}"
@@ -986,7 +986,7 @@ def _gateway_flow(
     valid: ValidLb, vip: ValidVip, dgp_key: int, router_dp: int, group: GroupSpec,
     tables: TableLayout, config: PlanConfig,
 ) -> FlowSpec:
-    l4, ip_prefix = _l4_match(valid.protocol, vip.ip)
+    l4, ip_prefix = l4_match(valid.protocol, vip.ip)
     match = (f"{l4},reg14={hex_int(dgp_key)},metadata={hex_int(router_dp)},"
              f"{ip_prefix}_dst={ip_text(vip.ip)},tp_dst={dec_int(vip.port, 0xFFFF)}")
     if valid.affinity:
@@ -1019,12 +1019,12 @@ def _plan_backends(
     for vip in valid.vips:
         local = []
         for backend in vip.backends:
-            binding = _binding(sb, backend.lsp_name)
+            binding = usable_binding(sb, backend.lsp_name)
             if binding is None:
                 out.pending.append(
                     f"no usable SB port binding for backend port {show(backend.lsp_name)} yet")
                 continue
-            switch_dp = _datapath_key(sb, backend.switch_uuid)
+            switch_dp = usable_datapath_key(sb, backend.switch_uuid)
             if switch_dp is None or binding.datapath_key != switch_dp:
                 out.pending.append(
                     f"no usable SB datapath for the switch of {show(backend.lsp_name)} yet")
@@ -1061,7 +1061,7 @@ def _previous_backend(
 ) -> _LocalBackend | None:
     endpoint = parse_endpoint(key)
     canonical_mac = parse_mac(mac)
-    binding = _binding(sb, lsp)
+    binding = usable_binding(sb, lsp)
     if isinstance(endpoint, str) or canonical_mac is None or binding is None:
         return None
     if binding.chassis != chassis or binding.datapath_key not in router_macs:
@@ -1084,7 +1084,7 @@ def _previous_group(
     buckets = {}
     for _key, (bid, mac, lsp) in sorted(previous.items()):
         canonical_mac = parse_mac(mac)
-        binding = _binding(sb, lsp)
+        binding = usable_binding(sb, lsp)
         redirect = f"resubmit(,{dec_int(config.redirect_table, MAX_TABLE)})"
         if canonical_mac is None or binding is None:
             # Unknown now: no state to find anywhere, so serve it here.
@@ -1100,7 +1100,7 @@ def _backend_flows(
     valid: ValidLb, vip: ValidVip, b: _LocalBackend, second_chance: bool,
     prev_group: GroupSpec | None, tables: TableLayout, config: PlanConfig, out: _Candidate,
 ) -> None:
-    l4, ip_prefix = _l4_match(valid.protocol, vip.ip)
+    l4, ip_prefix = l4_match(valid.protocol, vip.ip)
     port_key, dp_key = hex_int(b.port_key), hex_int(b.switch_dp)
     zone = "zone=NXM_NX_REG13[0..15]"   # the port's own conntrack zone
     vip_part = f"{ip_prefix}_dst={ip_text(vip.ip)},tp_dst={dec_int(vip.port, 0xFFFF)}"

@@ -233,10 +233,6 @@ class FlowTuple:
         return cls(ip_address(src).version, ip_address(src), ip_address(dst), proto, sport,
                    dport, later_fragment)
 
-    @property
-    def has_ports(self) -> bool:
-        return self.proto in _L4_PROTOS and not self.later_fragment
-
     def ovs_flow(self) -> str:
         """The flow in ovs-ofctl syntax (for `ofproto/trace`), e.g. 'tcp,nw_src=...'."""
         v6 = self.version == 6

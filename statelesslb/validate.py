@@ -469,6 +469,18 @@ def canonical_endpoint_key(text: object) -> str | None:
     return None if isinstance(parsed, str) else endpoint_key(*parsed)
 
 
+def vip_backend_keys(vips: Mapping[str, str]) -> list[tuple[str, list[str]]]:
+    """(VIP key, its backends' keys) in NB key order: canonical where they parse, raw
+    text otherwise, for showing an LB as the operator wrote it (ctl, ctlserver). A list,
+    not a dict: two spellings of one VIP both stay visible."""
+    result = []
+    for raw_vip, text in sorted(vips.items()):
+        backends = [b.strip(" \t") for b in text.split(",") if b.strip(" \t")]
+        result.append((canonical_endpoint_key(raw_vip) or raw_vip,
+                       [canonical_endpoint_key(b) or b for b in backends]))
+    return result
+
+
 def show(value: object) -> str:
     """An NB value for a message: bare if plain, else a short repr."""
     if isinstance(value, str) and _PLAIN_NAME.fullmatch(value):

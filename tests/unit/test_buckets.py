@@ -131,15 +131,17 @@ def test_drain_list_is_canonicalised():
         "10.0.0.11:8080", "[fd00::11]:80"}
     assert parse_drain(dump_drain(["10.0.0.12:80", "10.0.0.11:80"])) == {
         "10.0.0.11:80", "10.0.0.12:80"}
-    assert parse_drain_checked(None) == (frozenset(), False)
+    assert parse_drain_checked(None) == (frozenset(), [])
 
 
-@pytest.mark.parametrize("text, keys", [
-    ("nope", set()), ('{"10.0.0.11:8080": 1}', set()), ("[" * 50_000, set()),
-    ('["10.0.0.11:8080", 7, "garbage"]', {"10.0.0.11:8080"}),
+@pytest.mark.parametrize("text, keys, dropped", [
+    ("nope", set(), ["nope"]),
+    ('{"10.0.0.11:8080": 1}', set(), ['{"10.0.0.11:8080": 1}']),
+    ("[" * 50_000, set(), ["[" * 50_000]),
+    ('["10.0.0.11:8080", 7, "garbage"]', {"10.0.0.11:8080"}, [7, "garbage"]),
 ])
-def test_malformed_drain_lists_are_flagged(text, keys):
-    assert parse_drain_checked(text) == (frozenset(keys), True)
+def test_malformed_drain_lists_are_flagged(text, keys, dropped):
+    assert parse_drain_checked(text) == (frozenset(keys), dropped)
 
 
 # -- reconcile_nb -------------------------------------------------------------------

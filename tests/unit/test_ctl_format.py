@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,8 +18,9 @@ from statelesslb.model import EXT_DRAIN, EXT_PREVIOUS, PERSISTENCE_OPTION
 from statelesslb.openflow import parse_groups
 from statelesslb.planner import GROUP_FIELDS, PlanConfig, plan
 from statelesslb.predict import FlowTuple, bucket_scores
+from statelesslb.validate import show
 
-from .factories import basic_topo
+from .factories import Topo, basic_topo
 
 CONFIG = PlanConfig()
 GID = CONFIG.group_id_base + 1
@@ -151,6 +153,10 @@ def test_malformed_drain_entries_are_dropped_and_reported() -> None:
     assert edit.dropped == ["junk", "7"]
     edit = ctl.edit_drain("lb1", VIPS, "{not json", "10.0.0.11:8080", drain=True)
     assert edit.dropped == ["'{not json'"]
+    # Too deep for json.loads (RecursionError): as malformed as any other text.
+    deep = "[" * 100_000
+    edit = ctl.edit_drain("lb1", VIPS, deep, "10.0.0.11:8080", drain=True)
+    assert edit.drain == ["10.0.0.11:8080"] and edit.dropped == [show(deep)]
 
 
 # -- agent-side documents from unit snapshots -------------------------------------------
@@ -270,6 +276,25 @@ def test_trace_request_builds_the_intercepted_packet() -> None:
         "tp_src=40000,tp_dst=80")
     assert req.actions == "resubmit(,13)" and req.group_id == GID
     assert req.source == "172.16.0.50:40000" and req.vip_key == "172.16.0.100:80"
+    # No PROTO: the LB's own.
+    assert ctlserver.trace_request(snapshot, the_plan, CONFIG,
+                                   ["lb0", "172.16.0.50", "40000", ""]) == req
+
+
+def test_trace_request_takes_inport_and_mac_from_one_local_dgp() -> None:
+    topo = Topo()
+    topo.add_router("lr0", 3, {"lr0-public": "gw1", "lr0-public2": "gw2"})
+    topo.add_switch("ls0", 1)
+    topo.add_vif("ls0", "vm1", "50:54:00:00:00:01", "10.0.0.11", "hv1")
+    topo.add_lb("lb0", {"172.16.0.100:80": "10.0.0.11:8080"})
+    topo.assign_ids()
+    for chassis, dgp in (("gw1", "lr0-public"), ("gw2", "lr0-public2")):
+        snapshot = topo.snapshot(chassis)
+        req = ctlserver.trace_request(snapshot, plan(snapshot, CONFIG), CONFIG,
+                                      ["lb0", "172.16.0.50", "40000", "tcp"])
+        key = topo.port_bindings[dgp].tunnel_key
+        mac = topo.router_ports[dgp].mac
+        assert f",reg14={key:#x},dl_src=02:00:00:00:00:01,dl_dst={mac}," in req.flow, chassis
 
 
 @pytest.mark.parametrize("argv, chassis, message", [
@@ -280,6 +305,8 @@ def test_trace_request_builds_the_intercepted_packet() -> None:
      "hv1 is not an active gateway of lb0 (cr-lr0-public is on gw1): run the trace there"),
     (["lb0", "172.16.0.50,in_port=1", "1", "tcp"], "gw1", "is not an IPv4 or IPv6 address"),
     (["lb0", "172.16.0.50", "65536", "tcp"], "gw1", "is not in 1..65535"),
+    (["lb0", "172.16.0.50", "1", "sctp"], "gw1", "protocol sctp is not tcp or udp"),
+    (["lb0", "172.16.0.50", "1", "tcp", "172.16.0.100"], "gw1", "VIP 172.16.0.100 has no port"),
 ])
 def test_trace_request_refusals(argv: list[str], chassis: str, message: str) -> None:
     topo, _, _ = gateway_state()
@@ -360,8 +387,9 @@ def test_health_problems() -> None:
 
 
 def test_vswitchd_control_socket() -> None:
-    def conf(**ovs):
-        return SimpleNamespace(ovs=SimpleNamespace(ovs_rundir="/run/openvswitch", **ovs))
+    def conf(vswitchd_ctl: str | None = None) -> SimpleNamespace:
+        return SimpleNamespace(ovs=SimpleNamespace(ovs_rundir="/run/openvswitch",
+                                                   vswitchd_ctl=vswitchd_ctl))
 
     assert ctlserver.vswitchd_ctl(conf(vswitchd_ctl="/x.ctl")) == "/x.ctl"
     assert ctlserver.vswitchd_ctl(conf(), exists=lambda p: True) == (
@@ -372,6 +400,32 @@ def test_vswitchd_control_socket() -> None:
         ctlserver.vswitchd_ctl(conf(), exists=lambda p: False, read=lambda p: "")
     assert ctlserver.appctl_binary("/usr/bin/ovs-ofctl") == "/usr/bin/ovs-appctl"
     assert ctlserver.appctl_binary("ovs-ofctl") == "ovs-appctl"
+
+
+def test_traces_run_the_configured_appctl(monkeypatch) -> None:
+    from oslo_config import cfg
+
+    from statelesslb import config
+
+    conf = cfg.ConfigOpts()
+    config.register_opts(conf)
+    conf(args=[], default_config_files=[])
+    conf.set_override("ofctl_path", "/opt/ovs/bin/ovs-ofctl", group="ovs")
+    conf.set_override("vswitchd_ctl", "/run/ovs-vswitchd.ctl", group="ovs")
+    argvs = []
+
+    def fake_run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        argvs.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "traced", "")
+
+    monkeypatch.setattr(ctlserver.subprocess, "run", fake_run)
+    server = ctlserver.CtlServer("/nonexistent/ctl", SimpleNamespace(conf=conf))
+    assert server._appctl("ofproto/trace") == "traced"
+    conf.set_override("appctl_path", "/usr/local/bin/ovs-appctl", group="ovs")
+    server._appctl("ofproto/trace")
+    assert argvs == [
+        ["/opt/ovs/bin/ovs-appctl", "-t", "/run/ovs-vswitchd.ctl", "ofproto/trace"],
+        ["/usr/local/bin/ovs-appctl", "-t", "/run/ovs-vswitchd.ctl", "ofproto/trace"]]
 
 
 # -- human rendering ------------------------------------------------------------------
@@ -539,6 +593,10 @@ def test_main_usage_errors(tmp_path) -> None:
     assert code == 2 and "invalid choice" in err and err.count("\n") == 1
     code, _, err = run_main("trace", "lb1", "1.2.3.4")
     assert code == 2 and "SRC_PORT" in err
+    # No limit, a crash or an endless wait: each a usage error before the agent is asked.
+    for seconds in ("0", "-1", "nan", "inf", "1e400", "soon"):
+        code, _, err = run_main("--socket", "/s", "--timeout", seconds, "status")
+        assert code == 2 and "--timeout" in err and err.count("\n") == 1, (seconds, err)
     code, _, err = run_main("--config-file", str(tmp_path / "none.conf"), "status")
     assert code == 2 and "cannot read the configuration" in err
 
