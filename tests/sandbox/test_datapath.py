@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -242,10 +243,8 @@ def test_unmarking_restores_ovn_load_balancing(sandbox, topo, lb1):
     assert find_arrival(sandbox, topo, topo.client_ip, sport) is not None
     # OVN's own LB is back: conntrack on the gateway again.
     assert conntrack_lines(gw, f"sport={sport}") != []
-    assert GROUP_BASE  # our range is untouched by OVN's own groups
-    assert all(gid < GROUP_BASE for gid in _all_group_ids(gw) if gid not in our_groups(gw))
-
-
-def _all_group_ids(chassis):
-    import re
-    return [int(m.group(1)) for m in re.finditer(r"group_id=(\d+)", chassis.dump_groups())]
+    # OVN's own groups (its LB's among them) stay below our range.
+    ovn_flows, _ = ovn_state(gw)
+    ovn_groups = {int(g) for flow in ovn_flows for g in re.findall(r"group:(\d+)", flow)}
+    assert ovn_groups, "no flow of OVN's uses a group: its LB is not back"
+    assert all(gid < GROUP_BASE for gid in ovn_groups), sorted(ovn_groups)
