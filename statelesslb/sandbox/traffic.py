@@ -122,6 +122,24 @@ def wait_lb_ready(sb: Sandbox, name: str, vip: str, n_backends: int,
     return gid
 
 
+def set_backends(sb: Sandbox, topo: Topology, name: str, vip: str, backends: list[str],
+                 gateway: str = "gw1", timeout: float = 15.0) -> int:
+    """Set the backends of `vip` (IP:port) and wait until the change is in place.
+
+    That is: NB ids for every backend, the gateway's group holding exactly their
+    buckets, then wait_lb_ready (with every backend's DNAT flow). Returns the group id.
+    """
+    sb.nbctl("set", "load_balancer", name, f'vips:"{vip}"="{",".join(backends)}"')
+
+    def ids_ready():
+        vip_ids, ids = lb_ids(sb, name)
+        return vip in vip_ids and ids.keys() >= set(backends) and (vip_ids, ids)
+    vip_ids, ids = wait_until(ids_ready, timeout, 0.05, f"bucket ids of {name} for {backends}")
+    gid = GROUP_BASE + vip_ids[vip]
+    wait_group(sb.chassis[gateway], gid, {ids[b] for b in backends}, timeout)
+    return wait_lb_ready(sb, name, vip, len(backends), gateway=gateway, topo=topo)
+
+
 @dataclass
 class Arrival:
     vm: Vm

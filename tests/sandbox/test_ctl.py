@@ -15,6 +15,13 @@ import pytest
 from statelesslb.sandbox import Sandbox, Topology, wait_until
 from statelesslb.sandbox import packets as P
 from statelesslb.sandbox.agents import start_agents, stop_agent, wait_agents_ready
+from statelesslb.sandbox.traffic import (
+    OUR_COOKIES,
+    create_lb,
+    lb_external_ids,
+    lb_ids,
+    our_flows,
+)
 
 pytestmark = pytest.mark.sandbox
 
@@ -23,7 +30,7 @@ LB = "lb1"
 VIP_IP = "172.16.0.100"
 VIP = f"{VIP_IP}:80"
 BACKENDS = ("10.0.0.11:8080", "10.0.0.12:8080", "10.0.0.13:8080")
-COOKIE_SPEC = "cookie=0x51b0000000000000/0xffff000000000000"
+COOKIE_SPEC = OUR_COOKIES
 
 
 @dataclass
@@ -49,9 +56,7 @@ def lab(sandbox: Sandbox, topo: Topology) -> Iterator[Sandbox]:
     start_agents(sandbox)
     try:
         wait_agents_ready(sandbox)
-        sandbox.nbctl("lb-add", LB, VIP, ",".join(BACKENDS), "tcp")
-        sandbox.nbctl("lr-lb-add", topo.router, LB)
-        sandbox.nbctl("set", "load_balancer", LB, "options:stateless_mode=mac")
+        create_lb(sandbox, LB, VIP, list(BACKENDS), router=topo.router)
         wait_until(lambda: len(gw_buckets(sandbox)) == 3, 30, 0.1, "gw1's group")
         yield sandbox
     finally:
@@ -68,10 +73,7 @@ def nb_db(sbx: Sandbox) -> list[str]:
 
 
 def nb_ext(sbx: Sandbox) -> dict[str, str]:
-    out = sbx.nbctl("--format=json", "--columns=external_ids", "find", "load_balancer",
-                    f"name={LB}")
-    rows = json.loads(out)["data"]
-    return dict(rows[0][0][1])
+    return lb_external_ids(sbx, LB)
 
 
 def gw_buckets(sbx: Sandbox) -> list[int]:
@@ -131,8 +133,7 @@ def test_lb_list_shows_status_and_roles_per_chassis(lab: Sandbox) -> None:
 
 
 def test_lb_show_matches_the_nb_and_sb(lab: Sandbox, topo: Topology) -> None:
-    buckets = json.loads(nb_ext(lab)["statelesslb:buckets"])
-    vip_ids = json.loads(nb_ext(lab)["statelesslb:vip_ids"])
+    vip_ids, buckets = lb_ids(lab, LB)
     doc = ctl("lb-show", LB, "--format", "json", *sock(lab, "gw1")).json()
     assert doc["gateway_ports"] == [{"name": topo.dgp, "chassis": "gw1", "here": True}]
     (vip,) = doc["vips"]
@@ -226,8 +227,8 @@ def test_drain_removes_the_bucket_and_keeps_the_dnat_flows(lab: Sandbox) -> None
     group = ctl("groups", LB, "--format", "json", *sock(lab, "gw1")).json()["groups"][0]
     assert group["drained"] == [drained] and group["in_sync"]
     # The backend's chassis keeps its DNAT flow: packets already on their way still land.
-    flows = lab.chassis["hv2"].ofctl("dump-flows", COOKIE_SPEC)
-    assert f"nat(dst={drained})" in flows
+    flows = our_flows(lab.chassis["hv2"])
+    assert any(f"nat(dst={drained})" in f for f in flows), flows
     show = ctl("lb-show", LB, "--format", "json", *sock(lab, "gw1")).json()
     row = next(b for b in show["vips"][0]["backends"] if b["backend"] == drained)
     assert row["drained"] is True and row["in_group"] is False

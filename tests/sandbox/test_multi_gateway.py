@@ -13,6 +13,7 @@ from statelesslb.sandbox.traffic import (
     create_lb,
     find_arrival,
     our_groups,
+    reply_from,
     wait_lb_ready,
 )
 
@@ -82,16 +83,6 @@ def test_reply_may_leave_through_the_other_gateway(sandbox, topo, two_dgps):
     _syn_via(sandbox, topo, dgp2.mac, topo.client_ip, sport)   # in through gw2
     arrival = find_arrival(sandbox, topo, topo.client_ip, sport)
     assert arrival is not None
-    vm = arrival.vm
-    seen = len(sandbox.client_received())
-    sandbox.chassis[vm.chassis].inject(vm.name, P.tcp_synack(
-        vm.mac, topo.router_port_mac, vm.ip, topo.client_ip, 8080, sport))
-
-    def reply():
-        for pkt in sandbox.client_received()[seen:]:
-            if P.is_tcp(pkt, "SA", dport=sport):
-                return pkt
-        return None
-    pkt = wait_until(reply, 3, 0.02, "the SYN-ACK at the client")
+    pkt = reply_from(sandbox, topo, arrival, sport)
     # Out through lr0-public (gw1): the client's subnet. From the VIP all the same.
     assert pkt.src == topo.dgp_mac and P.ip(pkt).src == VIP

@@ -17,6 +17,7 @@ from statelesslb.sandbox.traffic import (
     midstream,
     open_connections,
     our_groups,
+    set_backends,
     wait_lb_ready,
 )
 
@@ -39,13 +40,8 @@ def _lb(sandbox, topo, name, vip, persistence):
 
 
 def _set_backends(sandbox, topo, name, vip, backends, gid):
-    sandbox.nbctl("set", "load_balancer", name, f'vips:"{vip}:80"="{",".join(backends)}"')
-    _, ids = wait_until(lambda: (i := lb_ids(sandbox, name))[1].keys() >= {
-        b for b in backends} and i, 10, 0.05, "bucket ids")
-    wanted = {ids[b] for b in backends}
-    wait_until(lambda: set(our_groups(sandbox.chassis["gw1"])[gid].buckets) == wanted,
-               10, 0.02, "the gateway group")
-    wait_lb_ready(sandbox, name, f"{vip}:80", len(backends), topo=topo)
+    got = set_backends(sandbox, topo, name, f"{vip}:80", backends)
+    assert got == gid, f"{name}'s group id changed: {got:#x}, was {gid:#x}"
 
 
 def test_hashing_alone_moves_only_what_must_move(running, topo):

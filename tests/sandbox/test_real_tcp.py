@@ -25,6 +25,7 @@ from statelesslb.sandbox.traffic import (
     conntrack_lines,
     lb_ids,
     our_groups,
+    set_backends,
     wait_lb_ready,
 )
 
@@ -71,21 +72,22 @@ def _lb(sb: Sandbox, topo: Topology, name: str, vip: str, backends: list[str],
     return wait_lb_ready(sb, name, vip, len(backends), topo=topo)
 
 
-def _set_backends(sb: Sandbox, topo: Topology, name: str, vip: str,
-                  backends: list[str]) -> None:
-    sb.nbctl("set", "load_balancer", name, f'vips:"{vip}"="{",".join(backends)}"')
-    gid = GROUP_BASE + lb_ids(sb, name)[0][vip]
-
-    def installed() -> bool:
-        _, ids = lb_ids(sb, name)
-        if not set(backends) <= ids.keys():
-            return False
-        group = sb.chassis["gw1"].dump_groups()
-        line = next((ln for ln in group.splitlines() if f"group_id={gid}," in ln), "")
-        return {int(b) for b in re.findall(r"bucket_id:(\d+)", line)} == {
-            ids[b] for b in backends}
-    wait_until(installed, 15, 0.05, f"{name}'s gateway group with {backends}")
-    wait_lb_ready(sb, name, vip, len(backends), topo=topo)
+def _echo_across_change(sb: Sandbox, topo: Topology, lab: N.NetnsLab,
+                        lbs: dict[str, tuple[str, str]], initial: list[str],
+                        changed: list[str], sports: range
+                        ) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Per layer, an LB (name, vip) on `initial` with echo connections from `sports`;
+    then every LB set to `changed`. Returns (connections once established, final)."""
+    runs = {}
+    for layer, (name, vip) in lbs.items():
+        _lb(sb, topo, name, vip, initial, persistence=layer)
+        runs[layer] = lab.echo_client(name, vip.split(":")[0], 7, sports,
+                                      duration=60, timeout=ECHO_TIMEOUT)
+    before = {layer: run.wait_established() for layer, run in runs.items()}
+    for name, vip in lbs.values():
+        set_backends(sb, topo, name, vip, changed)
+    time.sleep(2.5)
+    return before, {layer: run.finish() for layer, run in runs.items()}
 
 
 def _hash_choice(sb: Sandbox, topo: Topology, gw: str, name: str, vip: str,
@@ -156,22 +158,14 @@ def test_adding_a_backend_moves_only_the_flows_it_wins(sandbox, real):
     topo, lab = real
     two, three = [f"{IPS[v]}:{ECHO}" for v in VMS[:2]], [f"{IPS[v]}:{ECHO}" for v in VMS]
     lbs = {"hash": ("add-hash", "172.16.0.102:7"), "second-chance": ("add-sc", "172.16.0.103:7")}
-    runs = {}
-    for layer, (name, vip) in lbs.items():
-        _lb(sandbox, topo, name, vip, two, persistence=layer)
-        runs[layer] = lab.echo_client(name, vip.split(":")[0], 7, range(46001, 46017),
-                                      duration=60, timeout=ECHO_TIMEOUT)
-    before = {layer: run.wait_established() for layer, run in runs.items()}
-    for name, vip in lbs.values():
-        _set_backends(sandbox, topo, name, vip, three)
-    time.sleep(2.5)
-    results = {layer: run.finish() for layer, run in runs.items()}
+    before, results = _echo_across_change(sandbox, topo, lab, lbs, two, three,
+                                          range(46001, 46017))
     for layer, (name, vip) in lbs.items():
         conns, start = results[layer], before[layer]
         assert all(c["connected"] and c["backend"] in VMS[:2] for c in start.values()), start
-        moved = {s for s in conns if _hash_choice(sandbox, topo, "gw1", name, vip, s)
-                 != start[s]["backend"]}
-        assert all(_hash_choice(sandbox, topo, "gw1", name, vip, s) == "vm3" for s in moved)
+        choice = {s: _hash_choice(sandbox, topo, "gw1", name, vip, s) for s in conns}
+        moved = {s for s in conns if choice[s] != start[s]["backend"]}
+        assert all(choice[s] == "vm3" for s in moved), (layer, choice)
         assert moved, f"[{layer}] no tuple of 16 moved to vm3: nothing would be shown"
         _report(f"add vm3 [{layer}]", {s: {"was": start[s]["backend"], "moved": s in moved,
                                            "error": c["error"], "ok": c["ok"]}
@@ -198,16 +192,8 @@ def test_removing_another_backend_keeps_the_others_flows(sandbox, real):
     topo, lab = real
     three, two = [f"{IPS[v]}:{ECHO}" for v in VMS], [f"{IPS[v]}:{ECHO}" for v in VMS[:2]]
     lbs = {"hash": ("rm-hash", "172.16.0.104:7"), "second-chance": ("rm-sc", "172.16.0.105:7")}
-    runs = {}
-    for layer, (name, vip) in lbs.items():
-        _lb(sandbox, topo, name, vip, three, persistence=layer)
-        runs[layer] = lab.echo_client(name, vip.split(":")[0], 7, range(46101, 46117),
-                                      duration=60, timeout=ECHO_TIMEOUT)
-    before = {layer: run.wait_established() for layer, run in runs.items()}
-    for name, vip in lbs.values():
-        _set_backends(sandbox, topo, name, vip, two)
-    time.sleep(2.5)
-    results = {layer: run.finish() for layer, run in runs.items()}
+    before, results = _echo_across_change(sandbox, topo, lab, lbs, three, two,
+                                          range(46101, 46117))
     for layer in lbs:
         conns, start = results[layer], before[layer]
         progress = _progress(conns, start)
