@@ -20,12 +20,11 @@ import statistics
 import tempfile
 import time
 
-from common import running_sandbox
-from scale import create, delete, group_count
+from common import create, delete, group_count, running_sandbox, toggle_backend
 
 from statelesslb.sandbox.agents import agent_ctl
 from statelesslb.sandbox.core import wait_until
-from statelesslb.sandbox.traffic import GROUP_BASE, lb_ids
+from statelesslb.sandbox.traffic import GROUP_BASE
 
 ALL_OURS = (GROUP_BASE, GROUP_BASE + 0x0FFFFFFF)
 
@@ -45,16 +44,8 @@ def trivial_bundle_ms(gw, runs: int) -> float:
 
 def agent_bundle_ms(sb, gw, backends: list[str], n: int, runs: int) -> float:
     times = []
-    for k in range(runs):
-        name = f"s{(k // 2 * 7) % n}"    # remove a backend, then add it back
-        vip_ids, _ids = lb_ids(sb, name)
-        gid = GROUP_BASE + next(iter(vip_ids.values()))
-        vip = next(iter(vip_ids))
-        members = backends[:15] if k % 2 == 0 else backends
-        count = len(members)
-        sb.nbctl("set", "load_balancer", name, f'vips:"{vip}"="{",".join(members)}"')
-        wait_until(lambda g=gid, w=count: gw.ofctl("dump-groups", str(g)).count(
-            "bucket_id:") == w, 60, 0.01, "the change on gw1")
+    for k in range(runs):   # remove a backend, then add it back
+        toggle_backend(sb, gw, "s", n, k, backends, 60)
         time.sleep(0.3)
         times.append(json.loads(agent_ctl(sb, "gw1", "status"))["last_apply_ms"]["bundle"])
     return statistics.median(times)

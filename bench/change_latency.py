@@ -16,7 +16,7 @@ import argparse
 import statistics
 import time
 
-from common import cpu_seconds, pct, rss_mib, running_sandbox
+from common import bucket_count, cpu_seconds, pct, rss_mib, running_sandbox
 
 from statelesslb.sandbox.core import wait_until
 from statelesslb.sandbox.traffic import create_lb, lb_ids, our_groups, wait_lb_ready
@@ -45,8 +45,8 @@ def main() -> None:
                 sb.nbctl("set", "load_balancer", name,
                          f'vips:"{vip}:80"="{",".join(members)}"')
                 for g in gateways:
-                    wait_until(lambda g=g, w=want, k=gid: g.ofctl("dump-groups", str(k)).count(
-                        "bucket_id:") == w, 10, 0.002, f"the change on {g.name}")
+                    wait_until(lambda g=g, w=want, k=gid: bucket_count(g, k) == w, 10, 0.002,
+                               f"the change on {g.name}")
                 latencies.append(time.monotonic() - start)
             ms = [v * 1000 for v in latencies]
             print(f"persistence={mode}: backend change -> bucket changed on both gateways "

@@ -21,11 +21,12 @@ import statistics
 import time
 from pathlib import Path
 
-from common import pct, running_sandbox
+from common import bucket_count, pct, running_sandbox
 
+from statelesslb.model import EXT_ACTIVE
 from statelesslb.sandbox import Sandbox
 from statelesslb.sandbox.core import wait_until
-from statelesslb.sandbox.traffic import GROUP_BASE, lb_ids, our_groups
+from statelesslb.sandbox.traffic import GROUP_BASE, lb_external_ids, lb_ids, our_groups
 
 VIP = "172.22.{}.{}:80"
 
@@ -93,8 +94,7 @@ def main() -> None:
             for item in list(pending):
                 t_commit, name, count = item
                 newer = [p for p in pending if p[1] == name and p[0] > t_commit]
-                dump = gw.ofctl("dump-groups", str(gids[name]))
-                if dump.count("bucket_id:") == count:
+                if bucket_count(gw, gids[name]) == count:
                     latencies.append(now - t_commit)
                     pending.remove(item)
                 elif newer or now - t_commit > 60:
@@ -111,14 +111,14 @@ def main() -> None:
         # Afterwards: every gateway's groups equal the NB's active sets exactly.
         time.sleep(3)
         mismatches = 0
+        wants = {}
+        for name in gids:
+            active = json.loads(lb_external_ids(sb, name)[EXT_ACTIVE])
+            wants[name] = {v[0] for vip in active.values() for v in vip.values()}
         for gw_name in ("gw1", "gw2"):
             installed = our_groups(sb.chassis[gw_name], known=tuple(gids.values()))
             for name, gid in gids.items():
-                ext = json.loads(sb.nbctl("--format=json", "--columns=external_ids", "find",
-                                          "load_balancer", f"name={name}"))["data"][0][0][1]
-                active = json.loads(dict(ext)["statelesslb:active"])
-                want = {v[0] for vip in active.values() for v in vip.values()}
-                if set(installed.get(gid).buckets if gid in installed else ()) != want:
+                if set(installed.get(gid).buckets if gid in installed else ()) != wants[name]:
                     mismatches += 1
         print(f"after the churn: {mismatches} of {2 * args.lbs} gateway groups differ from "
               f"the NB (gw1 active, gw2 standby)")

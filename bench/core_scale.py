@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from statelesslb import diff  # noqa: E402
 from statelesslb.buckets import NbReconciler, reconcile_nb  # noqa: E402
-from statelesslb.model import PERSISTENCE_OPTION, Snapshot  # noqa: E402
+from statelesslb.model import Snapshot  # noqa: E402
 from statelesslb.planner import IncrementalPlanner, PlanConfig, plan  # noqa: E402
 from statelesslb.validate import ValidationMemo  # noqa: E402
 from tests.unit.factories import TABLES, Topo  # noqa: E402
@@ -41,12 +41,12 @@ def build(n: int) -> tuple[Topo, list[str]]:
     # A VM no LB uses: its moves and neighbours should cost the LBs nothing.
     topo.add_vif("ls0", "other", "50:54:00:00:02:01", "10.0.1.1", "hv2")
     for i in range(n):
-        lb = topo.add_lb(f"s{i}", {f"172.20.{i // 250}.{1 + i % 250}:80": ",".join(backends)})
-        topo.update_lb(lb.name, options={**lb.options, PERSISTENCE_OPTION: "hash"})
+        # Marked stateless, persistence=hash (the factories' MARKED options).
+        topo.add_lb(f"s{i}", {f"172.20.{i // 250}.{1 + i % 250}:80": ",".join(backends)})
     return topo, backends
 
 
-def measure(n: int, changes: int) -> tuple[float, float]:
+def measure(n: int, changes: int) -> tuple[float, float, float, float]:
     topo, backends = build(n)
     now = 1000.0
     nb = topo.nb()

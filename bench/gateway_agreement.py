@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import time
 
 import ovs.unixctl.client
 from common import running_sandbox
 
+from statelesslb.ctlserver import parse_trace
 from statelesslb.planner import GROUP_FIELDS
 from statelesslb.predict import FlowTuple, predict_bucket
 from statelesslb.sandbox import Sandbox
@@ -28,7 +28,6 @@ from statelesslb.sandbox.topology import add_second_dgp
 from statelesslb.sandbox.traffic import create_lb, lb_ids, our_groups, wait_lb_ready
 
 VIP = "172.16.0.100"
-_USING = re.compile(r"-> using bucket (\d+)")
 
 
 class Tracer:
@@ -43,8 +42,7 @@ class Tracer:
             "ofproto/trace-packet-out", ["br-int", flow, f"resubmit(,{table})"])
         if err or error:
             raise RuntimeError(f"trace failed: {err} {error}")
-        m = _USING.search(result)
-        return int(m.group(1)) if m else None
+        return parse_trace(result)["bucket_id"]
 
 
 def sb_table(sb: Sandbox) -> int:

@@ -21,16 +21,19 @@ import re
 import statistics
 import time
 
-from common import cpu_seconds, rss_mib, running_sandbox
+from common import (
+    cpu_seconds,
+    create,
+    delete,
+    group_count,
+    rss_mib,
+    running_sandbox,
+    toggle_backend,
+)
 
 from statelesslb.sandbox.agents import agent_ctl
 from statelesslb.sandbox.core import wait_until
-from statelesslb.sandbox.traffic import GROUP_BASE, lb_ids
-
-
-def group_count(chassis, low: int, high: int) -> int:
-    ids = [int(m) for m in re.findall(r"group_id=(\d+),", chassis.ofctl("dump-group-stats"))]
-    return sum(1 for i in ids if low <= i <= high)
+from statelesslb.sandbox.traffic import GROUP_BASE
 
 
 def native_vips(chassis) -> int:
@@ -46,30 +49,6 @@ def native_buckets(chassis, vip_ip: str) -> int:
     if len(groups) != 1:
         return -1
     return chassis.ofctl("dump-groups", groups.pop()).count("bucket=")
-
-
-def create(sb, prefix: str, n: int, backends: list[str], stateless: bool, subnet: int):
-    batch: list[str] = []
-    for i in range(n):
-        name = f"{prefix}{i}"
-        vip = f"172.{subnet}.{i // 250}.{1 + i % 250}:80"
-        batch += ["--", "lb-add", name, vip, ",".join(backends), "tcp",
-                  "--", "lr-lb-add", "lr0", name]
-        if stateless:
-            batch += ["--", "set", "load_balancer", name, "options:stateless_mode=mac",
-                      "options:stateless_persistence=hash"]
-        if len(batch) > 3000 or i == n - 1:
-            sb.nbctl(*batch[1:], timeout=300)
-            batch = []
-
-
-def delete(sb, prefix: str, n: int) -> None:
-    names = [f"{prefix}{i}" for i in range(n)]
-    for start in range(0, n, 200):
-        cmd: list[str] = []
-        for name in names[start:start + 200]:
-            cmd += ["--", "lb-del", name]
-        sb.nbctl(*cmd[1:], timeout=300)
 
 
 def main() -> None:
@@ -95,20 +74,8 @@ def main() -> None:
                        900, 0.2, f"{n} stateless groups on gw1")
             install = time.monotonic() - start
             changes, own, bundle, noticed = [], [], [], []
-            for k in range(5):
-                name = f"s{(k // 2 * 7) % n}"   # remove a backend, then add it back
-                vip_ids, _ids = lb_ids(sb, name)
-                gid = GROUP_BASE + next(iter(vip_ids.values()))
-                members = backends[:15] if k % 2 == 0 else backends
-                vip = next(iter(vip_ids))
-                count = len(members)
-                t0 = time.monotonic()
-                sb.nbctl("set", "load_balancer", name, f'vips:"{vip}"="{",".join(members)}"')
-                # Poll only this group (one small dump): the bench must not eat the CPU
-                # the agent needs (two cores).
-                wait_until(lambda g=gid, w=count: gw.ofctl("dump-groups", str(g)).count(
-                    "bucket_id:") == w, 120, 0.01, "the change on gw1")
-                changes.append(time.monotonic() - t0)
+            for k in range(5):   # remove a backend, then add it back
+                changes.append(toggle_backend(sb, gw, "s", n, k, backends, 120))
                 time.sleep(0.1)   # let the agent finish its iteration before asking
                 laps = json.loads(agent_ctl(sb, "gw1", "status"))["last_apply_ms"]
                 own.append(laps["total"] - laps["bundle"])
