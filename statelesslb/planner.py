@@ -389,6 +389,7 @@ class IncrementalPlanner:
         self._topology_readers = Dependents()   # topology each LB's validation read
         self._sentinel = sentinel_flow(self.config)
         self._merged = _Merged(self._sentinel)
+        self._plan: Plan | None = None   # of the last update
 
     def update(self, snapshot: Snapshot, now: float = 0.0,
                changed: Set[str] | None = None) -> PlanUpdate:
@@ -434,9 +435,9 @@ class IncrementalPlanner:
                 continue
             replaced[uuid] = _plan_lb(lb, open_window, index, snapshot, self.config, now,
                                       validation)
-        if not replaced and not context_changed:
-            return PlanUpdate(self._merged.plan(self._windows), frozenset(), frozenset(),
-                              frozenset())
+        if not replaced and not context_changed and self._plan is not None:
+            # Nothing moved (windows only change with parts): the same plan, not a copy.
+            return PlanUpdate(self._plan, frozenset(), frozenset(), frozenset())
 
         for uuid, part in replaced.items():
             if part is None:
@@ -455,8 +456,10 @@ class IncrementalPlanner:
         if context_changed or merged.conflicted or not merged.patch(replaced):
             merged = self._merged = _Merged(self._sentinel)
             merged.merge_all(self._parts.values())
-            return PlanUpdate(merged.plan(self._windows), None, None, None)
-        return PlanUpdate(merged.plan(self._windows), frozenset(merged.touched_flows),
+            self._plan = merged.plan(self._windows)
+            return PlanUpdate(self._plan, None, None, None)
+        self._plan = merged.plan(self._windows)
+        return PlanUpdate(self._plan, frozenset(merged.touched_flows),
                           frozenset(merged.touched_groups), frozenset(replaced))
 
     def _check_context(self, snapshot: Snapshot, topology: TopologyState) -> bool:
