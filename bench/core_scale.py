@@ -49,8 +49,7 @@ def build(n: int) -> tuple[Topo, list[str]]:
 def measure(n: int, changes: int) -> tuple[float, float, float, float]:
     topo, backends = build(n)
     now = 1000.0
-    nb = topo.nb()
-    topo.write(reconcile_nb(nb.load_balancers.values(), nb, now))
+    topo.writer_pass(now)
     sb = topo.sb()
     base = topo.nb()
     config = PlanConfig()

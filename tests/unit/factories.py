@@ -51,6 +51,7 @@ class Topo:
     datapath_keys: dict[str, int] = field(default_factory=dict)
     port_bindings: dict[str, SbPortBinding] = field(default_factory=dict)
     _next_port_key: dict[str, int] = field(default_factory=dict)
+    clock: float = 1000.0     # assign_ids' NB writer time
 
     # -- NB/SB building ------------------------------------------------------
 
@@ -161,17 +162,21 @@ class Topo:
             ext = {k: v for k, v in {**lb.external_ids, **delta}.items() if v is not None}
             self.load_balancers[uuid] = dataclasses.replace(lb, external_ids=ext)
 
+    def writer_pass(self, now: float = 0.0) -> dict[str, dict[str, str | None]]:
+        """One NB writer pass over every LB (reconcile_nb), written into the rows."""
+        changes = reconcile_nb(self.load_balancers.values(), self.nb(), now)
+        self.write(changes)
+        return changes
+
     def assign_ids(self) -> None:
         """Play the NB writer until it has nothing left to write.
 
         Its clock moves on by 10 s a pass, past the settle time of phase 2.
         """
         for step in range(5):
-            self.clock = getattr(self, "clock", 1000.0) + 10.0 * (step + 1)
-            changes = reconcile_nb(self.load_balancers.values(), self.nb(), now=self.clock)
-            if not changes:
+            self.clock += 10.0 * (step + 1)
+            if not self.writer_pass(self.clock):
                 return
-            self.write(changes)
         raise AssertionError("reconcile_nb does not converge")
 
 

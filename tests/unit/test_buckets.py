@@ -169,7 +169,7 @@ def test_backend_shared_by_two_vips_of_one_lb_shares_its_bucket_id():
     topo = basic_topo(with_lb=False)
     topo.add_lb("lb0", {"172.16.0.100:80": "10.0.0.12:8080,10.0.0.11:8080",
                         "172.16.0.100:443": "10.0.0.11:8080"})
-    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.writer_pass()
     assert ids_of(topo, "lb0") == {"10.0.0.11:8080": 1, "10.0.0.12:8080": 2}
     assert ids_of(topo, "lb0", EXT_VIP_IDS) == {"172.16.0.100:443": 1, "172.16.0.100:80": 2}
 
@@ -177,7 +177,7 @@ def test_backend_shared_by_two_vips_of_one_lb_shares_its_bucket_id():
 def test_vip_ids_are_unique_across_lbs_and_bucket_ids_are_per_lb():
     topo = basic_topo()
     topo.add_lb("lb1", {"172.16.0.101:80": "10.0.0.12:8080"})
-    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.writer_pass()
     assert ids_of(topo, "lb0", EXT_VIP_IDS) == {"172.16.0.100:80": 1}
     assert ids_of(topo, "lb1", EXT_VIP_IDS) == {"172.16.0.101:80": 2}
     assert ids_of(topo, "lb1") == {"10.0.0.12:8080": 1}
@@ -185,32 +185,32 @@ def test_vip_ids_are_unique_across_lbs_and_bucket_ids_are_per_lb():
 
 def test_backend_change_keeps_surviving_ids():
     topo = basic_topo()
-    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.writer_pass()
     topo.add_vif("ls0", "vm3", "50:54:00:00:00:03", "10.0.0.13", "hv1")
     topo.update_lb("lb0", vips={"172.16.0.100:80": "10.0.0.13:8080,10.0.0.12:8080"})
-    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.writer_pass()
     assert ids_of(topo, "lb0") == {"10.0.0.12:8080": 2, "10.0.0.13:8080": 1}
 
 
 def test_a_vip_id_freed_in_one_pass_is_not_reused_in_the_same_pass():
     topo = basic_topo()
     topo.add_lb("lb1", {"172.16.0.101:80": "10.0.0.12:8080"})
-    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.writer_pass()
     topo.update_lb("lb0", vips={"172.16.0.102:80": "10.0.0.11:8080"})   # frees VIP id 1
     topo.update_lb("lb1", vips={"172.16.0.101:80": "10.0.0.12:8080",
                                 "172.16.0.103:80": "10.0.0.12:8080"})
-    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.writer_pass()
     assert ids_of(topo, "lb0", EXT_VIP_IDS) == {"172.16.0.102:80": 3}
     assert ids_of(topo, "lb1", EXT_VIP_IDS) == {"172.16.0.101:80": 2, "172.16.0.103:80": 4}
     # Next pass: id 1 is free again.
     topo.add_lb("lb2", {"172.16.0.104:80": "10.0.0.11:8080"})
-    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.writer_pass()
     assert ids_of(topo, "lb2", EXT_VIP_IDS) == {"172.16.0.104:80": 1}
 
 
 def test_invalid_lb_keeps_its_ids_and_reports_the_error():
     topo = basic_topo()
-    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.writer_pass()
     before = dict(topo.lb("lb0").external_ids)
     topo.update_lb("lb0", vips={"172.16.0.100:80": "10.0.0.11:8080,10.0.0.99:8080"})
     changes = reconcile_nb(topo.load_balancers.values(), topo.nb())
@@ -275,7 +275,7 @@ def test_drained_backends_keep_their_ids_and_drain_problems_are_reported():
     topo = basic_topo()
     lb = topo.lb("lb0")
     topo.update_lb("lb0", options={**lb.options, PERSISTENCE_OPTION: "second-chance"})
-    topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
+    topo.writer_pass()
     before = topo.lb("lb0").external_ids[EXT_BUCKETS]
     ext = dict(topo.lb("lb0").external_ids)
     ext[EXT_DRAIN] = '["10.0.0.11:8080", "10.0.0.77:1", 5]'
@@ -334,7 +334,7 @@ def test_reconcile_converges_with_unique_vip_ids_and_stable_buckets(rounds):
                 topo.update_lb(name, vips=vips)
             else:
                 topo.add_lb(name, vips)
-        topo.write(reconcile_nb(topo.load_balancers.values(), topo.nb()))
+        topo.writer_pass()
         assert reconcile_nb(topo.load_balancers.values(), topo.nb()) == {}
         all_vip_ids = []
         for lb in topo.load_balancers.values():

@@ -75,7 +75,7 @@ class World:
         """Two working LBs with their ids written: every step then acts on live state."""
         self.apply("backends", 0, 0b0011, 1)
         self.apply("backends", 1, 0b1100, 2)
-        self.topo.write(reconcile_nb(self.topo.load_balancers.values(), self.topo.nb(), self.now))
+        self.topo.writer_pass(self.now)
         return self
 
     def uuid(self, index: int) -> str:
@@ -253,14 +253,14 @@ def test_incremental_planner_names_only_what_moved():
     for index in range(4):
         world.apply("backends", index, 0b0011, 1)
         world.apply("persistence", index, 0, 0)    # hashing only: one group per VIP
-    world.topo.write(reconcile_nb(world.topo.load_balancers.values(), world.topo.nb(), world.now))
+    world.topo.writer_pass(world.now)
     planner = IncrementalPlanner(PlanConfig())
     nb = world.nb()
     first = planner.update(Snapshot(nb, world.sb(), "gw1", TABLES), world.now)
     assert first.flows is None and len(first.plan.groups) == 4
     before = dict(nb.load_balancers)
     world.apply("backends", 2, 0b0111, 1)
-    world.topo.write(reconcile_nb(world.topo.load_balancers.values(), world.topo.nb(), world.now))
+    world.topo.writer_pass(world.now)
     nb = world.nb()
     update = planner.update(Snapshot(nb, world.sb(), "gw1", TABLES), world.now,
                             changed_between(before, nb.load_balancers))
@@ -280,7 +280,7 @@ def test_a_moved_vm_re_plans_only_the_lbs_it_backs():
     world.apply("backends", 0, 0b0011, 1)     # vm1, vm2
     world.apply("backends", 1, 0b1000, 1)     # vm4
     world.apply("backends", 2, 0b0001, 1)     # vm1
-    world.topo.write(reconcile_nb(world.topo.load_balancers.values(), world.topo.nb(), world.now))
+    world.topo.writer_pass(world.now)
     planner = IncrementalPlanner(PlanConfig())
     nb = world.nb()
     first = planner.update(Snapshot(nb, world.sb(), "hv1", TABLES), world.now)
