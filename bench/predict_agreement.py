@@ -18,20 +18,18 @@ Stops its daemons by pid and removes the temp dir. Needs Open vSwitch installed.
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from statelesslb.ctlserver import parse_trace
 from statelesslb.planner import BUCKET_WEIGHT, GROUP_FIELDS
 from statelesslb.predict import FlowTuple, bucket_scores, flow_basis, predict_bucket
-from statelesslb.sandbox.switch import Switch, find_tools
+from statelesslb.sandbox.switch import Switch, find_tools, random_tuples
 
 BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8]
 REMOVED = 5
@@ -56,25 +54,12 @@ def choice(text: str) -> tuple[int | None, dict[int, int]]:
     return found["bucket_id"], found["scores"]
 
 
-def random_tuples(n: int, seed: int) -> list[FlowTuple]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        if rng.random() < 0.5:
-            src, dst = IPv6Address(rng.getrandbits(128)), IPv6Address(rng.getrandbits(128))
-        else:
-            src, dst = IPv4Address(rng.getrandbits(32)), IPv4Address(rng.getrandbits(32))
-        out.append(FlowTuple.make(src, dst, rng.choice(("tcp", "udp")),
-                                  rng.randrange(1024, 65536), rng.randrange(1, 65536)))
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tuples", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
-    tuples = random_tuples(args.tuples, args.seed)
+    tuples = random_tuples(args.tuples, args.seed, range(1024, 65536), range(1, 65536))
     less = [b for b in BUCKETS if b != REMOVED]
 
     rundir = Path(tempfile.mkdtemp(prefix="slbp-", dir="/tmp"))

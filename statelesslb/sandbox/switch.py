@@ -9,12 +9,15 @@ are stopped by pid.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import ovs.unixctl.client
 
+from statelesslb.predict import FlowTuple, bucket_hash16
 from statelesslb.sandbox.core import (
     ProcessRecord,
     _dir_env,
@@ -107,3 +110,33 @@ class Switch:
 
     def appctl_trace(self, flow: str) -> str:
         return self.run(self.tools["ovs-appctl"], "-t", self.ctl, "ofproto/trace", "br0", flow)
+
+
+# -- flows to check the predictor with ---------------------------------------------------
+
+
+def random_tuples(n: int, seed: int = 1, sports: range = range(65536),
+                  dports: range = range(65536)) -> list[FlowTuple]:
+    """n TCP/UDP flows, half IPv4 and half IPv6, the same for the same arguments."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            src, dst = IPv6Address(rng.getrandbits(128)), IPv6Address(rng.getrandbits(128))
+        else:
+            src, dst = IPv4Address(rng.getrandbits(32)), IPv4Address(rng.getrandbits(32))
+        out.append(FlowTuple.make(src, dst, rng.choice(("tcp", "udp")),
+                                  rng.randrange(sports.start, sports.stop),
+                                  rng.randrange(dports.start, dports.stop)))
+    return out
+
+
+def tied_bucket_ids(basis: int) -> tuple[int, int]:
+    """The first two bucket ids (from 1 up) whose 16-bit hashes of `basis` are equal."""
+    seen: dict[int, int] = {}
+    for bid in range(1, 100000):
+        h = bucket_hash16(bid, basis)
+        if h in seen:
+            return seen[h], bid
+        seen[h] = bid
+    raise AssertionError("no two bucket ids below 100000 hash alike")

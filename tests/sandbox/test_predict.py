@@ -16,14 +16,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv6Address
 from pathlib import Path
 
 import pytest
 
 from statelesslb.planner import BUCKET_WEIGHT, GROUP_FIELDS
-from statelesslb.predict import FlowTuple, bucket_hash16, bucket_scores, flow_basis, predict_bucket
-from statelesslb.sandbox.switch import Switch, find_tools
+from statelesslb.predict import FlowTuple, bucket_scores, flow_basis, predict_bucket
+from statelesslb.sandbox.switch import Switch, find_tools, random_tuples, tied_bucket_ids
 
 pytestmark = pytest.mark.sandbox
 
@@ -119,20 +119,6 @@ def switch(require) -> Iterator[Switch]:
         sw.stop()
         if not os.environ.get("STATELESSLB_KEEP_SANDBOX"):
             shutil.rmtree(rundir, ignore_errors=True)
-
-
-def random_tuples(n: int, seed: int) -> list[FlowTuple]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        v6 = rng.random() < 0.5
-        if v6:
-            src, dst = (IPv6Address(rng.getrandbits(128)) for _ in range(2))
-        else:
-            src, dst = (IPv4Address(rng.getrandbits(32)) for _ in range(2))
-        out.append(FlowTuple.make(src, dst, rng.choice(("tcp", "udp")),
-                                  rng.randrange(65536), rng.randrange(65536)))
-    return out
 
 
 def edge_tuples() -> list[FlowTuple]:
@@ -234,15 +220,7 @@ def test_ties_go_to_the_later_bucket(switch: Switch) -> None:
     """Two bucket ids with equal scores for one packet: OVS uses the one listed later."""
     pkt = FlowTuple.make("10.0.0.1", "172.16.0.100", "tcp", 40000, 80)
     basis = flow_basis(GROUP_FIELDS, pkt)
-    seen: dict[int, int] = {}
-    a = b = 0
-    for bid in range(1, 100000):
-        h = bucket_hash16(bid, basis)
-        if h in seen:
-            a, b = seen[h], bid
-            break
-        seen[h] = bid
-    assert a and b
+    a, b = tied_bucket_ids(basis)
     for n, order in enumerate(([a, b], [b, a])):
         group = Group(0x200 + n, order)
         switch.ofctl("add-group", group.spec())

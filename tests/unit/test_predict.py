@@ -9,7 +9,6 @@ HASH_* are lib/hash.c + lib/hash.h of OVS v3.1.0 compiled as-is with gcc, withou
 from __future__ import annotations
 
 import random
-from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +18,6 @@ from statelesslb.planner import BUCKET_WEIGHT, GROUP_FIELDS
 from statelesslb.predict import (
     DEFAULT_HASH_IMPL,
     FlowTuple,
-    bucket_hash16,
     bucket_scores,
     flow_basis,
     hash_bytes,
@@ -29,6 +27,7 @@ from statelesslb.predict import (
     parse_fields,
     predict_bucket,
 )
+from statelesslb.sandbox.switch import random_tuples, tied_bucket_ids
 
 BUCKETS = [1, 2, 3, 7, 10]
 
@@ -135,19 +134,6 @@ _FUNCS = {"hash_uint64": hash_uint64, "hash_int": hash_int, "hash_bytes": hash_b
 
 def pkt(flow: str) -> FlowTuple:
     return FlowTuple.from_ovs_flow(flow)
-
-
-def random_tuples(n: int, seed: int = 1) -> list[FlowTuple]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        if rng.random() < 0.5:
-            src, dst = IPv6Address(rng.getrandbits(128)), IPv6Address(rng.getrandbits(128))
-        else:
-            src, dst = IPv4Address(rng.getrandbits(32)), IPv4Address(rng.getrandbits(32))
-        out.append(FlowTuple.make(src, dst, rng.choice(("tcp", "udp")),
-                                  rng.randrange(65536), rng.randrange(65536)))
-    return out
 
 
 # --- pinned to the real switch ----------------------------------------------------------
@@ -286,15 +272,7 @@ def test_adding_a_bucket_only_takes_flows_to_it() -> None:
 def test_ties_go_to_the_later_bucket() -> None:
     p = FlowTuple.make("10.0.0.1", "172.16.0.100", "tcp", 40000, 80)
     basis = flow_basis(GROUP_FIELDS, p)
-    seen: dict[int, int] = {}
-    for bid in range(1, 100000):
-        h = bucket_hash16(bid, basis)
-        if h in seen:
-            a, b = seen[h], bid
-            break
-        seen[h] = bid
-    else:
-        pytest.fail("no two bucket ids with the same hash")
+    a, b = tied_bucket_ids(basis)
     assert predict_bucket([a, b], 100, GROUP_FIELDS, p) == b
     assert predict_bucket([b, a], 100, GROUP_FIELDS, p) == a
 
