@@ -32,6 +32,7 @@ from statelesslb.buckets import (
     parse_id_map,
     parse_previous,
 )
+from statelesslb.hashing import FULL_FIELDS
 from statelesslb.model import (
     EXT_ACTIVE,
     EXT_BUCKETS,
@@ -74,9 +75,10 @@ from statelesslb.validate import (
     topology_deps,
 )
 
-# Identical on every gateway: the hash, and so the chosen backend, must agree.
-# Fields whose prerequisites fail (udp_* on TCP, ipv6_* on IPv4) are skipped.
-GROUP_FIELDS = "fields(ip_src,ip_dst,ipv6_src,ipv6_dst,nw_proto,tcp_src,tcp_dst,udp_src,udp_dst)"
+# The full 5-tuple (options:stateless_hash=5-tuple); an LB's own fields come from
+# ValidLb.group_fields(). Fields whose prerequisites fail (udp_* on TCP, ipv6_* on
+# IPv4) are skipped.
+GROUP_FIELDS = FULL_FIELDS
 # Explicit: insert_bucket without a weight makes a weight-0 (dead) bucket on OVS 3.1.
 BUCKET_WEIGHT = 100
 # Our cookies carry this in their top 16 bits; OVN's cookies have the upper 32 bits 0.
@@ -871,7 +873,7 @@ def _plan_gateway(
             else:
                 buckets[bucket_id] = _bucket_actions(backend, rp_key, snapshot.tables)
         groups.append((vip, GroupSpec(config.group_id_base + ids.vip_ids[vip.key],
-                                      GROUP_FIELDS, buckets), members))
+                                      valid.group_fields(vip), buckets), members))
     if problems:
         out.pending.extend(problems)
         return
@@ -1051,7 +1053,7 @@ def _plan_backends(
         second_chance = (valid.second_chance and valid.protocol == "tcp")
         prev_group = None
         if second_chance and previous and local:
-            prev_group = _previous_group(vip, previous, ids, sb, config, tables)
+            prev_group = _previous_group(valid, vip, previous, ids, sb, config)
             out.groups[prev_group.group_id] = (prev_group, vip.key)
         for backend in local:
             out.roles.add(ROLE_BACKEND)
@@ -1075,8 +1077,8 @@ def _previous_backend(
 
 
 def _previous_group(
-    vip: ValidVip, previous: Mapping[str, tuple[int, str, str]], ids: _Ids, sb: SbView,
-    config: PlanConfig, tables: TableLayout,
+    valid: ValidLb, vip: ValidVip, previous: Mapping[str, tuple[int, str, str]], ids: _Ids,
+    sb: SbView, config: PlanConfig,
 ) -> GroupSpec:
     """The gateways' group as it was before the last change, on a backend's chassis.
 
@@ -1095,8 +1097,8 @@ def _previous_group(
         else:
             buckets[bid] = (f"set_field:{canonical_mac}->eth_dst,"
                             f"set_field:{hex_int(binding.tunnel_key)}->reg15,{redirect}")
-    return GroupSpec(config.previous_group_base + ids.vip_ids[vip.key], GROUP_FIELDS,
-                     buckets)
+    return GroupSpec(config.previous_group_base + ids.vip_ids[vip.key],
+                     valid.group_fields(vip), buckets)
 
 
 def _backend_flows(

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
+from statelesslb.hashing import DEFAULT_HASH, HashClasses, HashOptionError, parse_hash
 from statelesslb.model import (
     MODE_MAC,
     MODE_OPTION,
@@ -92,6 +93,11 @@ class ValidLb:
     affinity: bool = False           # gateway conntrack remembers each flow's bucket
     second_chance: bool = True       # backends' chassis forward to the previous owner
     window: int = DEFAULT_WINDOW     # seconds the previous bucket set stays in force
+    hash: HashClasses = DEFAULT_HASH  # which header bits the groups hash
+
+    def group_fields(self, vip: ValidVip) -> str:
+        """The `fields(...)` of the VIP's groups, gateways' and backends' alike."""
+        return self.hash.fields(vip.ip.version, self.protocol)
 
     @property
     def vip_keys(self) -> tuple[str, ...]:
@@ -646,8 +652,12 @@ def _validate(
         ValidVip(vip.ip, vip.port, vip.key, resolver.resolve_vip(vip)) for vip in vips
     )
     affinity, second_chance, window = parse_persistence(lb.options)
+    try:
+        hash_classes = parse_hash(lb.options)
+    except HashOptionError as exc:
+        raise _Invalid(str(exc)) from None
     return ValidLb(uuid, name, protocol, _as_str(router.uuid), router_name, dgps, valid_vips,
-                   affinity, second_chance, window)
+                   affinity, second_chance, window, hash_classes)
 
 
 def _check_protocol(protocol: object) -> str:

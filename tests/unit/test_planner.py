@@ -34,6 +34,7 @@ from .factories import TABLES, Topo, basic_topo
 # the separating spaces (a newline would start a second command).
 STRICT_LINE = re.compile(r"^[a-z_ ]+ [A-Za-z0-9_=,.:()\[\]/>+\-]*\Z")
 GROUP_BASE = PlanConfig().group_id_base
+DEFAULT_FIELDS_V4_TCP = "fields(ip_src=0.0.0.255,ip_dst,nw_proto,tcp_src=31,tcp_dst)"
 
 
 def lines_of(result: Plan) -> list[str]:
@@ -81,7 +82,9 @@ def test_gateway_chassis_gets_the_vip_flow_and_group(topo):
         r"nw_dst=172\.16\.0\.100,tp_dst=80,actions=group:1879048193", flow.add_line())
     assert flow.delete_line() == f"flow delete cookie={flow.cookie:#x}/-1"
     [group] = result.groups.values()
-    assert group.group_id == 0x70000001 and group.fields == GROUP_FIELDS
+    # The default hash classes: 8 low bits of the client's address, 5 of its port.
+    assert group.group_id == 0x70000001
+    assert group.fields == DEFAULT_FIELDS_V4_TCP
     assert dict(group.buckets) == {
         1: "set_field:00:00:00:00:ff:02->eth_src,set_field:50:54:00:00:00:01->eth_dst,"
            "dec_ttl,set_field:0x2->reg15,resubmit(,37)",
@@ -90,7 +93,7 @@ def test_gateway_chassis_gets_the_vip_flow_and_group(topo):
     }
     assert group.add_lines() == [
         "group add group_id=1879048193,type=select,selection_method=hash,"
-        "fields(ip_src,ip_dst,ipv6_src,ipv6_dst,nw_proto,tcp_src,tcp_dst,udp_src,udp_dst),"
+        "fields(ip_src=0.0.0.255,ip_dst,nw_proto,tcp_src=31,tcp_dst),"
         "bucket=bucket_id:1,weight:100,actions=set_field:00:00:00:00:ff:02->eth_src,"
         "set_field:50:54:00:00:00:01->eth_dst,dec_ttl,set_field:0x2->reg15,resubmit(,37),"
         "bucket=bucket_id:2,weight:100,actions=set_field:00:00:00:00:ff:02->eth_src,"
@@ -189,7 +192,8 @@ def test_all_backends_drained_leaves_an_empty_group(topo):
     [group] = planned(topo, "gw1").groups.values()
     assert dict(group.buckets) == {}
     assert group.add_lines() == [
-        f"group add group_id=1879048193,type=select,selection_method=hash,{GROUP_FIELDS}"]
+        "group add group_id=1879048193,type=select,selection_method=hash,"
+        + DEFAULT_FIELDS_V4_TCP]
 
 
 def test_two_vips_sharing_a_backend_share_one_reply_flow():
