@@ -437,6 +437,15 @@ def _persistence_text(doc: Mapping[str, Any], now: float) -> str:
     return text
 
 
+def _hash_text(h: Mapping[str, Any] | None) -> str:
+    if not h:
+        return "-"
+    if h.get("classes") is None:
+        return f"{_cell(h.get('option'))} (one gateway datapath flow per connection)"
+    return (f"{_cell(h.get('option'))} ({h['classes']:,} classes: at most that many "
+            "gateway datapath flows per VIP)")
+
+
 def render_lb_show(doc: Mapping[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     agent = doc.get("agent")
@@ -452,6 +461,7 @@ def render_lb_show(doc: Mapping[str, Any], now: float | None = None) -> str:
     ]
     fields = [("NB status", _cell(doc.get("nb_status"))), (f"on {chassis}", here),
               ("persistence", _persistence_text(doc, now)),
+              ("hash", _hash_text(doc.get("hash"))),
               ("gateway ports", ", ".join(ports) or "-"), ("drained", _cell(doc.get("drain")))]
     width = max(len(k) for k, _ in fields) + 1
     lines += [f"  {(k + ':').ljust(width)} {v}" for k, v in fields]
@@ -516,8 +526,11 @@ def render_trace(doc: Mapping[str, Any], verbose: bool = False) -> str:
                  "<- chosen" if s["bucket_id"] == best else "") for s in doc.get("scores", [])]
         lines.append(format_table(("BUCKET", "BACKEND", "SCORE", ""), rows, indent="    "))
         impl = doc.get("hash_impl")
+        classes = doc.get("hash_classes")
         lines.append(f"  hash: {impl} build of OVS" if impl else
                      "  hash: scores match no known OVS build (murmur, crc32)")
+        lines.append("  hashed: the 5-tuple" if classes == "5-tuple" else
+                     f"  hashed: {_cell(classes)} = {_cell(doc.get('hash_fields'))}")
     else:
         table = _cell(first.get("table"))
         hit = ("nothing matched" if str(first.get("match", "")).startswith("No match")

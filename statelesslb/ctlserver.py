@@ -64,7 +64,6 @@ from statelesslb.ofstrings import (
 from statelesslb.openflow import InstalledGroup, OfctlError
 from statelesslb.planner import (
     BUCKET_WEIGHT,
-    GROUP_FIELDS,
     Plan,
     PlanConfig,
     l4_match,
@@ -263,11 +262,20 @@ def lb_show_doc(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
         "agent": _plan_entry(plan, lb),
         "router": valid.router_name if valid else None,
         "persistence": _persistence(valid),
+        "hash": _hash_doc(valid),
         "previous": _previous_set(lb, valid),
         "gateway_ports": _gateway_ports(snapshot, valid),
         "drain": sorted(ids.drained),
         "vips": vips,
     }
+
+
+def _hash_doc(valid: ValidLb | None) -> dict[str, Any] | None:
+    """What the LB's groups hash: its options:stateless_hash and the classes it makes."""
+    if valid is None:
+        return None
+    return {"option": valid.hash.text, "classes": valid.hash.classes,
+            "fields": {vip.key: valid.group_fields(vip) for vip in valid.vips}}
 
 
 def _persistence(valid: ValidLb | None) -> dict[str, Any] | None:
@@ -408,6 +416,7 @@ class TraceRequest:
     flow: str              # the packet's headers and OVN registers
     actions: str           # resubmit to the intercept table
     packet: FlowTuple      # what the group hashes
+    fields: str            # the group's fields(...): what of the packet it hashes
 
 
 def trace_request(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
@@ -474,7 +483,8 @@ def trace_request(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
     actions = checked_piece(f"resubmit(,{dec_int(snapshot.tables.lr_in_intercept, 254)})")
     source = endpoint_text(src_ip, src_port)
     packet = FlowTuple.make(src_ip, vip.ip, valid.protocol, src_port, vip.port)
-    return TraceRequest(lb, valid, vip.key, group_id, source, flow, actions, packet)
+    return TraceRequest(lb, valid, vip.key, group_id, source, flow, actions, packet,
+                        plan.groups[group_id].fields)
 
 
 def trace_followup(req: TraceRequest, text: str) -> tuple[str, str, int] | None:
@@ -543,15 +553,16 @@ def parse_trace(text: str) -> dict[str, Any]:
             "eth_dst": eth_dst, "tunnel_to": tunnel, "datapath_actions": datapath_actions}
 
 
-def hash_impl_of(scores: Mapping[int, int], packet: FlowTuple) -> str | None:
-    """Which OVS hash build printed these scores ("murmur" or "crc32"), None if neither.
+def hash_impl_of(scores: Mapping[int, int], packet: FlowTuple, fields: str) -> str | None:
+    """Which OVS hash build printed these scores ("murmur" or "crc32"), None if neither:
+    statelesslb.predict recomputes them from the packet and the group's `fields`.
 
     Gateways whose builds hash differently pick different backends for one flow.
     """
     if not scores:
         return None
     for impl in HASH_IMPLS:
-        if bucket_scores(list(scores), BUCKET_WEIGHT, GROUP_FIELDS, packet,
+        if bucket_scores(list(scores), BUCKET_WEIGHT, fields, packet,
                          hash_impl=impl) == dict(scores):
             return impl
     return None
@@ -604,7 +615,9 @@ def trace_doc(snapshot: Snapshot, config: PlanConfig, req: TraceRequest,
         "backend": chosen,
         "scores": [{"bucket_id": bid, "backend": backend_of.get(bid), "score": score}
                    for bid, score in sorted(parsed["scores"].items())],
-        "hash_impl": hash_impl_of(parsed["scores"], req.packet),
+        "hash_fields": req.fields,
+        "hash_classes": req.valid.hash.text,
+        "hash_impl": hash_impl_of(parsed["scores"], req.packet, req.fields),
         "tunnel_to": parsed["tunnel_to"],
         "datapath_actions": parsed["datapath_actions"],
         "notes": notes,

@@ -14,6 +14,7 @@ import pytest
 
 from statelesslb import ctl, ctlserver
 from statelesslb.diff import state_after
+from statelesslb.hashing import DEFAULT_HASH, HASH_OPTION
 from statelesslb.model import EXT_DRAIN, EXT_PREVIOUS, PERSISTENCE_OPTION
 from statelesslb.openflow import parse_groups
 from statelesslb.planner import GROUP_FIELDS, PlanConfig, plan
@@ -73,6 +74,16 @@ def gateway_state():
     topo.assign_ids()
     snapshot = topo.snapshot("gw1")
     return topo, snapshot, plan(snapshot, CONFIG)
+
+
+def full_tuple_state():
+    """gateway_state's snapshot and plan with lb0 hashing the full 5-tuple: the hash
+    TRACE_TEXT's scores were printed for (by a real Debian 12 vswitchd)."""
+    topo = basic_topo()
+    topo.update_lb("lb0", options={**topo.lb("lb0").options, HASH_OPTION: "5-tuple"})
+    topo.assign_ids()
+    snapshot = topo.snapshot("gw1")
+    return snapshot, plan(snapshot, CONFIG)
 
 
 # -- input checks ---------------------------------------------------------------------
@@ -162,7 +173,8 @@ def test_malformed_drain_entries_are_dropped_and_reported() -> None:
 # -- agent-side documents from unit snapshots -------------------------------------------
 
 LB_SHOW_KEYS = {"chassis", "uuid", "name", "protocol", "mode", "nb_status", "agent",
-                "router", "persistence", "previous", "gateway_ports", "drain", "vips"}
+                "router", "persistence", "hash", "previous", "gateway_ports", "drain",
+                "vips"}
 VIP_KEYS = {"vip", "vip_id", "group_id", "group_here", "backends"}
 BACKEND_KEYS = {"backend", "bucket_id", "mac", "logical_port", "chassis", "drained",
                 "in_group"}
@@ -172,7 +184,7 @@ BUCKET_KEYS = {"bucket_id", "position", "backend", "mac", "logical_port", "chass
                "packet_count", "byte_count"}
 TRACE_KEYS = {"chassis", "lb", "lb_uuid", "vip", "protocol", "source", "group_id", "flow",
               "intercepted", "first_table", "backend", "scores", "hash_impl", "tunnel_to",
-              "datapath_actions", "notes", "trace"}
+              "datapath_actions", "notes", "trace", "hash_fields", "hash_classes"}
 
 
 def test_lb_show_document() -> None:
@@ -339,11 +351,12 @@ def test_trace_parsing_and_document() -> None:
         "tunnel_to": "192.168.0.102",
         "datapath_actions": "set(eth(src=00:00:00:00:ff:02,dst=50:54:00:00:00:02)),"
                             "tnl_push(...),4"}
-    _, snapshot, the_plan = gateway_state()
+    snapshot, the_plan = full_tuple_state()
     req = ctlserver.trace_request(snapshot, the_plan, CONFIG,
                                   ["lb0", "172.16.0.50", "40000", "tcp"])
     doc = ctlserver.trace_doc(snapshot, CONFIG, req, TRACE_TEXT)
     assert set(doc) == TRACE_KEYS and doc["intercepted"] is True
+    assert (doc["hash_classes"], doc["hash_fields"]) == ("5-tuple", GROUP_FIELDS)
     assert doc["backend"] == {"bucket_id": 2, "backend": "10.0.0.12:8080",
                               "mac": "50:54:00:00:00:02", "logical_port": "vm2",
                               "chassis": "hv2"}
@@ -359,10 +372,14 @@ def test_trace_parsing_and_document() -> None:
 def test_hash_build_is_recognised_from_the_scores() -> None:
     packet = FlowTuple.make("172.16.0.50", "172.16.0.100", "tcp", 40000, 80)
     for impl in ("murmur", "crc32"):
-        scores = bucket_scores([1, 2, 3], 100, GROUP_FIELDS, packet, hash_impl=impl)
-        assert ctlserver.hash_impl_of(scores, packet) == impl
-    assert ctlserver.hash_impl_of({1: 5, 2: 7}, packet) is None
-    assert ctlserver.hash_impl_of({}, packet) is None
+        for fields in (GROUP_FIELDS, DEFAULT_HASH.fields(4, "tcp")):
+            scores = bucket_scores([1, 2, 3], 100, fields, packet, hash_impl=impl)
+            assert ctlserver.hash_impl_of(scores, packet, fields) == impl
+    # The scores of one set of fields do not pass for another's.
+    scores = bucket_scores([1, 2, 3], 100, GROUP_FIELDS, packet)
+    assert ctlserver.hash_impl_of(scores, packet, DEFAULT_HASH.fields(4, "tcp")) is None
+    assert ctlserver.hash_impl_of({1: 5, 2: 7}, packet, GROUP_FIELDS) is None
+    assert ctlserver.hash_impl_of({}, packet, GROUP_FIELDS) is None
 
 
 def test_health_problems() -> None:
@@ -499,6 +516,8 @@ def test_render_lb_show() -> None:
         "  NB status:     ok",
         "  on gw1:        ok, roles: gateway",
         "  persistence:   hash only",
+        "  hash:          client-bits:8,port-bits:5 (8,192 classes: at most that many gateway "
+        "datapath flows per VIP)",
         "  gateway ports: lr0-public active on gw1 (here)",
         "  drained:       -",
         "",
@@ -529,7 +548,7 @@ def test_render_groups() -> None:
 
 
 def test_render_trace() -> None:
-    _, snapshot, the_plan = gateway_state()
+    snapshot, the_plan = full_tuple_state()
     req = ctlserver.trace_request(snapshot, the_plan, CONFIG,
                                   ["lb0", "172.16.0.50", "40000", "tcp"])
     doc = ctlserver.trace_doc(snapshot, CONFIG, req, TRACE_TEXT)
@@ -544,6 +563,7 @@ def test_render_trace() -> None:
         "    1       10.0.0.11:8080  2932600",
         "    2       10.0.0.12:8080  3457900  <- chosen",
         "  hash: murmur build of OVS",
+        "  hashed: the 5-tuple",
         "  sent through a tunnel to 192.168.0.102",
     ]
     assert ctl.render_trace(doc, verbose=True).endswith(TRACE_TEXT)
