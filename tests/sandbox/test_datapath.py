@@ -195,6 +195,41 @@ def test_udp_vip(sandbox, topo, lb1):
     assert conntrack_lines(sandbox.chassis["gw1"], "sport=43001") == []
 
 
+def _vip_dp_flows(chassis, vip: str) -> list[str]:
+    return [f for f in chassis.dump_dp_flows().splitlines() if f"dst={vip}," in f]
+
+
+def test_hash_classes_bound_the_gateways_datapath_flows(sandbox, topo, lb1):
+    """256 new connections from 16 clients: with 5-tuple hashing the gateway makes a
+    datapath flow for each; with 4 bits of classes (2 client bits, 2 port bits) the whole
+    of OVN's gateway pipeline leaves the other bits wildcarded: at most 16 flows."""
+    gw = sandbox.chassis["gw1"]
+    lbs = {"172.16.0.105": "5-tuple", "172.16.0.106": "client-bits:2,port-bits:2"}
+    for n, (vip, hashing) in enumerate(lbs.items()):
+        create_lb(sandbox, f"lbh{n}", f"{vip}:80", BACKENDS)
+        sandbox.nbctl("set", "load_balancer", f"lbh{n}", f'options:stateless_hash="{hashing}"')
+        wait_lb_ready(sandbox, f"lbh{n}", f"{vip}:80", 3, topo=topo)
+    # Clients 172.16.0.64-79 share every address bit OVN's own flows look at (the
+    # router's 172.16.0.1 differs from them in the /26 prefix already).
+    clients = [f"172.16.0.{64 + i}" for i in range(16)]
+    for vip in lbs:
+        for src in clients:
+            for sport in range(42000, 42016):
+                send_syn(sandbox, topo, vip, sport, src_ip=src)
+    full = wait_until(lambda: len(f := _vip_dp_flows(gw, "172.16.0.105")) >= 250 and f,
+                      10, 0.1, "the 5-tuple VIP's datapath flows")
+    bounded = _vip_dp_flows(gw, "172.16.0.106")
+    assert len(full) <= 256
+    assert 1 <= len(bounded) <= 16, "\n".join(bounded)
+    # Each bounded flow leaves all but the hashed source-port bits wildcarded.
+    for line in bounded:
+        assert re.search(r"tcp\(src=\d+/0x3,dst=80\)", line), line
+    for n in range(len(lbs)):
+        sandbox.nbctl("lb-del", f"lbh{n}")
+    wait_until(lambda: not any(vip in f for vip in lbs for c in sandbox.chassis.values()
+                               for f in our_flows(c)), 10, 0.05, "lbh0/lbh1's flows removed")
+
+
 @pytest.mark.parametrize("name,setup,needle", [
     ("bad-backend", lambda sb: _raw_lb(sb, "bad-backend", "172.16.0.110:80",
                                         "10.0.0.99:8080", "lr0"), "10.0.0.99"),
@@ -202,6 +237,9 @@ def test_udp_vip(sandbox, topo, lb1):
                                     "lr0"), "172.16.0.300"),
     ("no-dgp", lambda sb: _raw_lb(sb, "no-dgp", "172.16.0.111:80", "10.0.0.11:8080",
                                    "lr-nodgp"), "gateway"),
+    ("bad-hash", lambda sb: _raw_lb(sb, "bad-hash", "172.16.0.112:80", "10.0.0.11:8080",
+                                     "lr0", 'options:stateless_hash="client-bits:20"'),
+     "options:stateless_hash='client-bits:20' is not 5-tuple or client-bits:N,port-bits:M"),
 ])
 def test_bad_input_is_reported_and_isolated(sandbox, topo, lb1, name, setup, needle):
     if name == "no-dgp" and "lr-nodgp" not in sandbox.nbctl("lr-list"):
@@ -224,10 +262,11 @@ def test_bad_input_is_reported_and_isolated(sandbox, topo, lb1, name, setup, nee
     sandbox.nbctl("lb-del", name)
 
 
-def _raw_lb(sb, name, vip, backends, router):
+def _raw_lb(sb, name, vip, backends, router, *extra):
     # ovn-nbctl lb-add validates; `create` writes whatever an API client could.
     uuid = sb.nbctl("create", "load_balancer", f"name={name}", "protocol=tcp",
-                    f'vips:"{vip}"="{backends}"', "options:stateless_mode=mac").strip()
+                    f'vips:"{vip}"="{backends}"', "options:stateless_mode=mac",
+                    *extra).strip()
     sb.nbctl("add", "logical_router", router, "load_balancer", uuid)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from statelesslb.hashing import DEFAULT_HASH, HashClasses
 from statelesslb.planner import BUCKET_WEIGHT, GROUP_FIELDS
 from statelesslb.predict import FlowTuple, bucket_scores, flow_basis, predict_bucket
 from statelesslb.sandbox.switch import Switch, find_tools, random_tuples, tied_bucket_ids
@@ -92,6 +93,10 @@ GROUPS: dict[str, Group] = {
     "masked_tcp_only": Group(1879048197, BUCKET_IDS,
                              fields="fields(tcp_dst,ip_dst,ip_src=255.255.255.0,"
                                     "ipv6_src=ffff:ffff::,tcp_src)"),
+    # The planner's hash classes (options:stateless_hash): the default and an IPv6 UDP one.
+    "classes_default": Group(1879048199, BUCKET_IDS, fields=DEFAULT_HASH.fields(4, "tcp")),
+    "classes_v6_udp": Group(1879048200, BUCKET_IDS,
+                            fields=HashClasses(12, 4).fields(6, "udp")),
     # The other supported fields: few distinct hashes, so not every bucket is reached.
     "other_fields": Group(1879048198, BUCKET_IDS,
                           fields="fields(sctp_dst,eth_type,ipv6_label=0xff0f0,sctp_src,"
@@ -179,6 +184,15 @@ def test_prediction_matches_ofproto_trace(switch: Switch, name: str) -> None:
     assert set(chosen.values()) <= live
     if isinstance(group.weights, int) and name != "other_fields":
         assert set(chosen.values()) == live  # 314 tuples reach every bucket
+
+
+@pytest.mark.parametrize("name", ["classes_default", "classes_v6_udp"])
+def test_hash_class_fields_dump_as_the_planner_writes_them(switch: Switch, name: str) -> None:
+    """The diff compares the planner's fields(...) with dump-groups' text: they must be
+    equal, or every resync would rewrite the group."""
+    group = GROUPS[name]
+    dumped = switch.ofctl("dump-groups", str(group.gid))
+    assert f"selection_method=hash,{group.fields},bucket=" in dumped
 
 
 def test_removing_a_bucket_moves_only_its_flows(switch: Switch) -> None:
