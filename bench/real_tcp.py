@@ -1,29 +1,39 @@
-"""Issue 5 figures: real HTTP load through the stateless LB and OVN's native LB.
+"""Per-connection cost of a gateway: real HTTP load through OVN's native LB and the
+stateless LB with several hash classes, side by side in one run.
 
-Runs a real sandbox in netns mode (2 gateways, 2 hypervisors, 3 VM namespaces serving
+Runs a real sandbox in netns mode (2 gateways, 2 hypervisors, --vms VM namespaces serving
 `python3 -m http.server`, a client namespace on the external segment) with agents, then
-for each of two LBs with the same three backends, one after the other (native first):
+one LB per configuration over the same backends, one after the other:
 
-- stateless: VIP 172.16.0.100:80, options:stateless_mode=mac (persistence --persistence);
-- native:    VIP 172.16.0.110:80, OVN's own LB (conntrack on the gateway);
+- native:     OVN's own LB (conntrack on the gateway), VIP 172.16.0.110:80;
+- stateless:  options:stateless_mode=mac with options:stateless_hash=<each --hash>,
+              VIPs 172.16.0.100, .101, ... (persistence --persistence).
 
-runs --clients concurrent HTTP clients in the client namespace for --duration seconds
-(one GET per new TCP connection) and prints completed requests, errors, requests/s,
-latency, the spread over backends, the conntrack entries left on the active gateway and
-on the backends' chassis, and the CPU seconds each ovs-vswitchd used.
+Each configuration's clients come from their own range of --client-addrs addresses
+(172.16.<n>.0/24 routed to the client namespace: many clients, as on the internet; own
+ranges so no configuration meets another's conntrack entries). Each runs twice in a row:
+"cold" right after the LB is set up, then "warm" (the gateway's datapath flows of the cold
+phase are still there: the steady state of a busy gateway). Printed per phase: requests/s,
+latency, gateway datapath flows for the VIP, gateway upcalls (`dpctl/show` "missed"), the
+gateway's and the backends' ovs-vswitchd CPU per 1,000 connections, balance (busiest
+backend's requests / mean over all backends), and ratios to native.
 
-    sudo .venv/bin/python bench/real_tcp.py [--clients 8] [--duration 10]
+    sudo .venv/bin/python bench/real_tcp.py [--vms 16] [--clients 8] [--duration 10]
+        [--hash 5-tuple --hash client-bits:8,port-bits:5]
 
-Bounded: --duration is at most 120 s and each client stops after --max-requests in all.
-Only the namespaces' addresses are used; everything is removed at the end (--keep keeps
-the run directory's logs).
+Bounded: --duration is at most 120 s per phase and each client stops after
+--max-requests in all. Only the namespaces' addresses are used; everything is removed at
+the end (--keep keeps the run directory's logs).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -31,18 +41,17 @@ from pathlib import Path
 
 from common import cpu_seconds
 
+from statelesslb.hashing import DEFAULT_HASH, HashOptionError, parse_hash
+from statelesslb.planner import BUCKET_WEIGHT
+from statelesslb.predict import FlowTuple, predict_bucket
 from statelesslb.sandbox import agents as sandbox_agents
 from statelesslb.sandbox import netns as N
 from statelesslb.sandbox.core import Sandbox, wait_until
-from statelesslb.sandbox.traffic import conntrack_lines, wait_lb_ready
+from statelesslb.sandbox.traffic import conntrack_lines, lb_ids, wait_lb_ready
 
-LBS = {
-    "stateless": ("bench-stateless", "172.16.0.100"),
-    "native": ("bench-native", "172.16.0.110"),
-}
-# Native first by default: the stateless LB's TIME_WAIT entries on the backends' chassis
-# would un-DNAT replies of later native connections that reuse a client port towards the
-# same backend (docs/real-tcp.md, "shared backends"); the native LB leaves nothing there.
+NATIVE_VIP = "172.16.0.110"
+PHASES = ("cold", "warm")
+_LOOKUPS = re.compile(r"lookups: hit:(\d+) missed:(\d+) lost:(\d+)")
 
 
 def vswitchd_cpu(sb: Sandbox) -> dict[str, float]:
@@ -54,106 +63,254 @@ def vswitchd_cpu(sb: Sandbox) -> dict[str, float]:
     return out
 
 
-def run_load(sb: Sandbox, lab: N.NetnsLab, label: str, vip: str, args) -> dict:
+def upcalls(chassis) -> int:
+    """Datapath lookups that missed every megaflow: upcalls (dpctl/show, all datapaths)."""
+    return sum(int(m.group(2)) for m in _LOOKUPS.finditer(chassis.appctl("dpctl/show")))
+
+
+def pmd_stats(chassis) -> dict[str, float]:
+    """The userspace datapath's own counters for the gateway's main thread."""
+    stats: dict[str, float] = {}
+    for line in chassis.appctl("dpif-netdev/pmd-stats-show").splitlines():
+        key, sep, value = line.strip().partition(":")
+        number = value.strip().split(" ")[0]
+        if sep and number.replace(".", "", 1).isdigit():
+            stats[key] = stats.get(key, 0.0) + float(number)
+    return stats
+
+
+def vip_dp_flows(chassis, vip: str, side: str = "dst") -> list[str]:
+    """The gateway's datapath flows whose match names the VIP as destination (towards the
+    backends) or, with side="src", as source (replies)."""
+    needle = f"{side}={vip},"
+    return [line for line in chassis.dump_dp_flows().splitlines() if needle in line]
+
+
+def run_load(sb: Sandbox, lab: N.NetnsLab, label: str, vip: str, sources: str,
+             args) -> dict:
     out = lab.dir / f"load-{label}.json"
     out.unlink(missing_ok=True)
-    cpu0 = vswitchd_cpu(sb)
-    lab.start("client", f"load-{label}",
-              [N.python3(), "-u", N.TCPAPPS, "load", "--vip", vip, "--port", "80",
-               "--path", "/who", "--clients", str(args.clients),
-               "--duration", str(args.duration), "--timeout", "5",
-               "--max-requests", str(args.max_requests), "--out", str(out)])
+    gw = sb.chassis["gw1"]
+    gw.appctl("dpif-netdev/pmd-stats-clear")
+    cpu0, up0 = vswitchd_cpu(sb), upcalls(gw)
+    argv = [N.python3(), "-u", N.TCPAPPS, "load", "--vip", vip, "--port", "80",
+            "--path", "/who", "--clients", str(args.clients),
+            "--duration", str(args.duration), "--timeout", "5",
+            "--max-requests", str(args.max_requests), "--out", str(out)]
+    if sources:
+        argv += ["--sources", sources]
+    lab.start("client", f"load-{label}", argv)
     name = lab.process_name("client", f"load-{label}")
     wait_until(lambda: not sb.is_running(name), args.duration + 30, 0.1,
                f"load run {label} to finish")
-    cpu1 = vswitchd_cpu(sb)
+    cpu1, up1 = vswitchd_cpu(sb), upcalls(gw)
     result = json.loads(out.read_text())
-    result["vswitchd_cpu_s"] = {k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1}
-    active = sb.chassis["gw1"]
-    result["conntrack_gw1"] = len(conntrack_lines(active, f"dst={vip},"))
+    result["vswitchd_cpu_s"] = {k: round(cpu1[k] - cpu0.get(k, 0.0), 3) for k in cpu1}
+    result["upcalls_gw1"] = up1 - up0
+    result["pmd_gw1"] = pmd_stats(gw)
+    flows = vip_dp_flows(gw, vip)
+    result["vip_dp_flows_gw1"] = len(flows)
+    result["vip_dp_flow_samples"] = flows[:3]
+    result["reply_dp_flows_gw1"] = len(vip_dp_flows(gw, vip, "src"))
+    result["conntrack_gw1"] = len(conntrack_lines(gw, f"dst={vip},"))
     result["conntrack_backends"] = sum(
         len(conntrack_lines(c, f"dst={vip},")) for c in sb.hypervisor_chassis)
     return result
 
 
+def class_balance(bucket_ids: dict[str, int], vip: str, sources: str,
+                  hash_text: str) -> float | None:
+    """Busiest backend's share of the hash classes the clients fall in, over the mean
+    (statelesslb.predict; every class equally busy): the balance the hash itself gives,
+    without the sampling noise of a few thousand requests. None for the 5-tuple."""
+    hashing = parse_hash({"stateless_hash": hash_text})
+    if not hashing.bounded or not sources:
+        return None
+    fields = hashing.fields(4, "tcp")
+    ids = sorted(bucket_ids.values())
+    counts = dict.fromkeys(ids, 0)
+    for src in ipaddress.ip_network(sources):
+        for sport in range(1 << hashing.port_bits):
+            pkt = FlowTuple(4, src, vip, 6, sport, 80)   # only the low bits count
+            counts[predict_bucket(ids, BUCKET_WEIGHT, fields, pkt)] += 1
+    return round(max(counts.values()) / statistics.mean(counts.values()), 3)
+
+
+def per_1000(seconds: float | None, ok: int) -> float | None:
+    """CPU milliseconds per 1,000 connections."""
+    return None if seconds is None or not ok else round(seconds * 1e6 / ok, 1)
+
+
+def balance(counts: dict[str, int], backends: int) -> float | None:
+    values = [counts.get(f"vm{i}", 0) for i in range(1, backends + 1)]
+    mean = statistics.mean(values)
+    return round(max(values) / mean, 3) if mean else None
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
 def row(label: str, values: list) -> str:
-    return f"{label:<34}" + "".join(f"{str(v):>30}" for v in values)
+    return f"{label:<40}" + "".join(f"{str(v):>28}" for v in values)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--vms", type=int, default=16, help="backends (VM namespaces)")
+    ap.add_argument("--clients", type=int, default=8, help="concurrent client threads")
+    ap.add_argument("--client-addrs", type=int, default=256,
+                    help="client addresses per configuration (1: the client's own)")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     ap.add_argument("--max-requests", type=int, default=200_000)
+    ap.add_argument("--hash", action="append", dest="hashes",
+                    help="an options:stateless_hash value to measure (repeat; default: "
+                    f"5-tuple and the default {DEFAULT_HASH.text})")
+    ap.add_argument("--max-idle", type=int, default=None,
+                    help="set the gateways' other_config:max-idle (ms; OVS default 10000): "
+                    "how long an unused datapath flow lives")
     ap.add_argument("--persistence", default="second-chance",
-                    help="the stateless LB's options:stateless_persistence")
-    ap.add_argument("--stateless-first", action="store_true",
-                    help="run the stateless LB first: shows the stale-entry interaction "
-                    "of docs/real-tcp.md (native connections then time out)")
+                    help="the stateless LBs' options:stateless_persistence")
+    ap.add_argument("--show-flows", action="store_true",
+                    help="print a few of the gateway's datapath flows for each VIP")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
     args = ap.parse_args()
+    hashes = args.hashes or ["5-tuple", DEFAULT_HASH.text]
     if not 1 <= args.clients <= 64 or not 1 <= args.duration <= 120:
         ap.error("--clients must be 1..64 and --duration 1..120")
+    if not 1 <= args.vms <= 32 or args.client_addrs not in (1, 16, 64, 256):
+        ap.error("--vms must be 1..32 and --client-addrs 1, 16, 64 or 256")
+    if len(hashes) > 8:
+        ap.error("at most 8 --hash values")
+    for text in hashes:
+        try:
+            parse_hash({"stateless_hash": text})
+        except HashOptionError as exc:
+            ap.error(str(exc))
     ok, why = N.netns_available()
     if not ok:
         print(f"cannot run: {why}", file=sys.stderr)
         return 1
 
+    # label -> (LB name, VIP, stateless_hash or None for native)
+    configs = {"native": ("bench-native", NATIVE_VIP, None)}
+    for i, text in enumerate(hashes):
+        configs[f"hash {text}"] = (f"bench-h{i}", f"172.16.0.{100 + i}", text)
+    prefix = 32 - (args.client_addrs - 1).bit_length()
+    sources = {label: ("" if args.client_addrs == 1 else f"172.16.{n}.0/{prefix}")
+               for n, label in enumerate(configs, start=1)}
+
     run_dir = Path(tempfile.mkdtemp(prefix="slb-bench-", dir="/tmp"))
     sb = N.real_sandbox(run_dir, gateways=2, hypervisors=2)
+    results: dict[str, dict[str, dict]] = {}
     try:
         t0 = time.monotonic()
         sb.up()
-        topo, lab = N.build_real_topology(sb, vms=3)
+        topo, lab = N.build_real_topology(sb, vms=args.vms)
+        if args.max_idle is not None:
+            for gw in sb.gateway_chassis:
+                gw.vsctl("set", "Open_vSwitch", ".", f"other_config:max-idle={args.max_idle}")
         sandbox_agents.start_agents(sb, debug=False)
         sandbox_agents.wait_agents_ready(sb)
         lab.start_http_servers()
+        for cidr in filter(None, sources.values()):
+            lab.add_client_sources(topo, cidr)
         backends = ",".join(f"{vm.ip}:8080" for vm in topo.vms)
-        for kind, (name, vip) in LBS.items():
+        for name, vip, hash_text in configs.values():
             cmd = ["lb-add", name, f"{vip}:80", backends, "tcp"]
-            if kind == "stateless":
+            if hash_text is not None:
                 cmd += ["--", "set", "load_balancer", name, "options:stateless_mode=mac",
-                        f"options:stateless_persistence={args.persistence}"]
+                        f"options:stateless_persistence={args.persistence}",
+                        f"options:stateless_hash=\"{hash_text}\""]
             sb.nbctl(*cmd)
             sb.nbctl("lr-lb-add", topo.router, name)
-        wait_lb_ready(sb, LBS["stateless"][0], f"{LBS['stateless'][1]}:80", 3, topo=topo)
+        expected_balance = {}
+        for label, (name, vip, hash_text) in configs.items():
+            if hash_text is not None:
+                wait_lb_ready(sb, name, f"{vip}:80", args.vms, topo=topo)
+                expected_balance[label] = class_balance(lb_ids(sb, name)[1], vip,
+                                                        sources[label], hash_text)
         sb.wait_flows_installed()
-        for _, vip in LBS.values():
+        for _, vip, _ in configs.values():
             rc, body = lab.curl(f"http://{vip}/who")
             if rc != 0:
                 raise SystemExit(f"warm-up request to {vip} failed (curl exit {rc})")
         print(f"sandbox ready in {time.monotonic() - t0:.1f}s; {args.clients} clients x "
-              f"{args.duration:g}s per LB, one GET per TCP connection", file=sys.stderr)
-        order = list(LBS) if args.stateless_first else list(LBS)[::-1]
-        results = {kind: run_load(sb, lab, kind, LBS[kind][1], args) for kind in order}
+              f"{args.duration:g}s per phase, {args.client_addrs} client addresses per "
+              f"configuration, {args.vms} backends, one GET per TCP connection",
+              file=sys.stderr)
+        # Let the warm-up's datapath flows expire: "cold" starts cold.
+        time.sleep((args.max_idle or 10_000) / 1000 + 1)
+        for label, (_name, vip, _hash) in configs.items():
+            results[label] = {}
+            for phase in PHASES:
+                results[label][phase] = run_load(sb, lab, f"{label}-{phase}".replace(
+                    " ", "_").replace(",", "_").replace(":", ""), vip, sources[label], args)
+                print(f"  {label} {phase}: {results[label][phase]['rps']} req/s",
+                      file=sys.stderr)
     finally:
         sb.down()
         if not args.keep:
             shutil.rmtree(run_dir, ignore_errors=True)
 
-    kinds = list(results)
-    print()
-    print(row("", kinds))
-    print(row("completed requests", [results[k]["ok"] for k in kinds]))
-    print(row("errors", [results[k]["errors"] for k in kinds]))
-    print(row("requests/s", [results[k]["rps"] for k in kinds]))
-    for p in ("p50", "p90", "p99", "max"):
-        print(row(f"latency {p} (ms)", [results[k]["latency_ms"][p] for k in kinds]))
-    print(row("per backend", [" ".join(f"{b}:{n}" for b, n in sorted(
-        results[k]["backends"].items())) for k in kinds]))
-    print(row("conntrack entries on gw1", [results[k]["conntrack_gw1"] for k in kinds]))
-    print(row("conntrack entries on backends' hv", [results[k]["conntrack_backends"]
-                                                    for k in kinds]))
-    for name in ("gw1", "hv1", "hv2", "net"):
-        print(row(f"ovs-vswitchd CPU s ({name})",
-                  [results[k]["vswitchd_cpu_s"].get(name) for k in kinds]))
-    for k in kinds:
-        if results[k]["error_kinds"]:
-            print(f"{k} errors: {results[k]['error_kinds']}")
+    report(results, expected_balance, args)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
+
+
+def report(results: dict[str, dict[str, dict]], expected_balance: dict[str, float | None],
+           args) -> None:
+    labels = list(results)
+    native = results["native"]
+    for phase in PHASES:
+        res = {k: results[k][phase] for k in labels}
+        print(f"\n{phase} phase ({args.duration:g} s each)")
+        print(row("", labels))
+        print(row("completed requests", [res[k]["ok"] for k in labels]))
+        print(row("errors", [res[k]["errors"] for k in labels]))
+        print(row("requests/s", [res[k]["rps"] for k in labels]))
+        for p in ("p50", "p99"):
+            print(row(f"latency {p} (ms)", [res[k]["latency_ms"][p] for k in labels]))
+        print(row("gw1 datapath flows for the VIP", [res[k]["vip_dp_flows_gw1"]
+                                                     for k in labels]))
+        print(row("gw1 datapath flows for replies", [res[k]["reply_dp_flows_gw1"]
+                                                     for k in labels]))
+        print(row("gw1 upcalls", [res[k]["upcalls_gw1"] for k in labels]))
+        print(row("gw1 upcalls per connection",
+                  [round(res[k]["upcalls_gw1"] / max(res[k]["ok"], 1), 3) for k in labels]))
+        gw = {k: per_1000(res[k]["vswitchd_cpu_s"].get("gw1"), res[k]["ok"]) for k in labels}
+        hv = {k: per_1000(res[k]["vswitchd_cpu_s"].get("hv1", 0)
+                          + res[k]["vswitchd_cpu_s"].get("hv2", 0), res[k]["ok"])
+              for k in labels}
+        print(row("gw1 vswitchd CPU ms / 1,000 conns", [gw[k] for k in labels]))
+        for key in ("packets received", "avg. datapath passes per packet",
+                    "avg processing cycles per packet"):
+            print(row(f"gw1 dp: {key}", [res[k]["pmd_gw1"].get(key) for k in labels]))
+        print(row("hv1+hv2 vswitchd CPU ms / 1,000 conns", [hv[k] for k in labels]))
+        print(row("balance (busiest / mean)", [balance(res[k]["backends"], args.vms)
+                                               for k in labels]))
+        print(row("balance of the hash classes (predict)",
+                  [expected_balance.get(k) for k in labels]))
+        print(row("conntrack entries on gw1", [res[k]["conntrack_gw1"] for k in labels]))
+        print(row("conntrack entries on backends' hv", [res[k]["conntrack_backends"]
+                                                        for k in labels]))
+        print(row("gw1 CPU per conn vs native", [ratio(gw[k], gw["native"])
+                                                 for k in labels]))
+        print(row("requests/s vs native", [ratio(res[k]["rps"], native[phase]["rps"])
+                                           for k in labels]))
+        print(row("p99 vs native", [ratio(res[k]["latency_ms"]["p99"],
+                                          native[phase]["latency_ms"]["p99"])
+                                    for k in labels]))
+        if args.show_flows:
+            for k in labels:
+                print(f"{k}: some of gw1's datapath flows for the VIP:")
+                for line in res[k]["vip_dp_flow_samples"]:
+                    print(f"    {line}")
+        for k in labels:
+            if res[k]["error_kinds"]:
+                print(f"{k} errors: {res[k]['error_kinds']}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ so they are in the manifest and stopped by down() too.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -278,6 +279,17 @@ class NetnsLab:
         self._create(host)
         self._attach(host, vm.name)
         return host
+
+    def add_client_sources(self, topo: Topology, cidr: str) -> None:
+        """Let the client send from every address of `cidr` (many clients, as on the
+        internet): a local route makes the kernel own them all (bind() works without
+        an address each), and a route on the router sends replies back to the client."""
+        net = ipaddress.ip_network(cidr)
+        if net.version != 4 or net.overlaps(ipaddress.ip_network(topo.public_cidr)):
+            raise SandboxError(f"client sources {cidr}: an IPv4 range off the external "
+                               "segment is needed")
+        self.run("client", [self.ip, "route", "add", "local", str(net), "dev", "lo"])
+        self.sb.nbctl("lr-route-add", topo.router, str(net), topo.client_ip)
 
     # commands and processes in namespaces
     def argv(self, host: str, argv: Sequence[str]) -> list[str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import errno
 import http.client
+import ipaddress
 import json
 import os
 import socket
@@ -29,6 +30,7 @@ import socketserver
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 # --- echo server -----------------------------------------------------------------------
@@ -172,7 +174,9 @@ def echo_client(vip: str, port: int, src: str, sports: list[int], interval: floa
 
 
 def load(vip: str, port: int, path: str, clients: int, duration: float, timeout: float,
-         max_requests: int, out: str) -> None:
+         max_requests: int, out: str, sources: Sequence[str] = ()) -> None:
+    """`sources`: client addresses to open connections from, in turn (the kernel's
+    own choice when empty)."""
     lock = threading.Lock()
     counts: dict[str, int] = {}
     errors: dict[str, int] = {}
@@ -188,8 +192,10 @@ def load(vip: str, port: int, path: str, clients: int, duration: float, timeout:
                 if done >= max_requests:
                     return
                 done += 1
+                source = (sources[done % len(sources)], 0) if sources else None
             t0 = time.monotonic()
-            conn = http.client.HTTPConnection(vip, port, timeout=timeout)
+            conn = http.client.HTTPConnection(vip, port, timeout=timeout,
+                                              source_address=source)
             try:
                 conn.request("GET", path)
                 resp = conn.getresponse()
@@ -258,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--timeout", type=float, default=5.0)
     g.add_argument("--max-requests", type=int, default=1_000_000)
     g.add_argument("--out", required=True)
+    g.add_argument("--sources", default="",
+                   help="an IPv4 range (CIDR) whose addresses the connections come from")
     a = p.parse_args(argv)
     if a.cmd == "echo-server":
         echo_server(a.bind, a.port, a.name)
@@ -265,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         echo_client(a.vip, a.port, a.src, [int(x) for x in a.sports.split(",")], a.interval,
                     a.duration, a.timeout, a.out, a.stop_file)
     else:
-        load(a.vip, a.port, a.path, a.clients, a.duration, a.timeout, a.max_requests, a.out)
+        sources = ([str(ip) for ip in ipaddress.ip_network(a.sources)] if a.sources else [])
+        load(a.vip, a.port, a.path, a.clients, a.duration, a.timeout, a.max_requests, a.out,
+             sources)
     return 0
 
 
