@@ -19,13 +19,18 @@ import ovs.unixctl.client
 from common import running_sandbox
 
 from statelesslb.ctlserver import parse_trace
-from statelesslb.planner import GROUP_FIELDS
 from statelesslb.predict import FlowTuple, predict_bucket
 from statelesslb.sandbox import Sandbox
 from statelesslb.sandbox import agents as sandbox_agents
 from statelesslb.sandbox.core import wait_until
 from statelesslb.sandbox.topology import add_second_dgp
-from statelesslb.sandbox.traffic import create_lb, lb_ids, our_groups, wait_lb_ready
+from statelesslb.sandbox.traffic import (
+    create_lb,
+    installed_fields,
+    lb_ids,
+    our_groups,
+    wait_lb_ready,
+)
 
 VIP = "172.16.0.100"
 
@@ -85,7 +90,8 @@ def main() -> None:
         start = time.monotonic()
         on = {gw: trace_all(gw) for gw in keys}
         elapsed = time.monotonic() - start
-        predicted = [predict_bucket(ids.values(), 100, GROUP_FIELDS,
+        fields = installed_fields(sb.chassis["gw1"], gid)
+        predicted = [predict_bucket(ids.values(), 100, fields,
                                     FlowTuple.make(src, VIP, "tcp", sport, 80))
                      for src, sport in tuples]
         n = len(tuples)

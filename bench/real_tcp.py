@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_seconds
+from common import TICK, cpu_seconds
 
 from statelesslb.hashing import DEFAULT_HASH, HashOptionError, parse_hash
 from statelesslb.planner import BUCKET_WEIGHT
@@ -63,6 +63,27 @@ def vswitchd_cpu(sb: Sandbox) -> dict[str, float]:
     return out
 
 
+def gw_threads(sb: Sandbox) -> dict[str, float]:
+    """gw1's ovs-vswitchd CPU seconds by thread kind (main thread user and system time,
+    revalidators, handlers, ...): system time of the main thread is mostly the dummy
+    datapath's socket I/O, the same per packet for every configuration."""
+    pid = sb.chassis["gw1"].pid_of("ovs-vswitchd")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "stat").read_text()
+        except OSError:
+            continue   # the thread ended meanwhile
+        comm = text[text.index("(") + 1:text.rindex(")")].rstrip("0123456789")
+        utime, stime = (int(v) / TICK for v in text.rsplit(")", 1)[1].split()[11:13])
+        if comm == "ovs-vswitchd":
+            out["main user"] = out.get("main user", 0.0) + utime
+            out["main system"] = out.get("main system", 0.0) + stime
+        else:
+            out[comm] = out.get(comm, 0.0) + utime + stime
+    return out
+
+
 def upcalls(chassis) -> int:
     """Datapath lookups that missed every megaflow: upcalls (dpctl/show, all datapaths)."""
     return sum(int(m.group(2)) for m in _LOOKUPS.finditer(chassis.appctl("dpctl/show")))
@@ -82,8 +103,9 @@ def pmd_stats(chassis) -> dict[str, float]:
 def vip_dp_flows(chassis, vip: str, side: str = "dst") -> list[str]:
     """The gateway's datapath flows whose match names the VIP as destination (towards the
     backends) or, with side="src", as source (replies)."""
-    needle = f"{side}={vip},"
-    return [line for line in chassis.dump_dp_flows().splitlines() if needle in line]
+    needles = (f"{side}={vip},", f"{side}={vip}/")   # exact, or masked (replies)
+    return [line for line in chassis.dump_dp_flows().splitlines()
+            if any(n in line for n in needles)]
 
 
 def run_load(sb: Sandbox, lab: N.NetnsLab, label: str, vip: str, sources: str,
@@ -92,7 +114,8 @@ def run_load(sb: Sandbox, lab: N.NetnsLab, label: str, vip: str, sources: str,
     out.unlink(missing_ok=True)
     gw = sb.chassis["gw1"]
     gw.appctl("dpif-netdev/pmd-stats-clear")
-    cpu0, up0 = vswitchd_cpu(sb), upcalls(gw)
+    cpu0, up0, th0 = vswitchd_cpu(sb), upcalls(gw), gw_threads(sb)
+    hv_up0 = sum(upcalls(c) for c in sb.hypervisor_chassis)
     argv = [N.python3(), "-u", N.TCPAPPS, "load", "--vip", vip, "--port", "80",
             "--path", "/who", "--clients", str(args.clients),
             "--duration", str(args.duration), "--timeout", "5",
@@ -103,10 +126,13 @@ def run_load(sb: Sandbox, lab: N.NetnsLab, label: str, vip: str, sources: str,
     name = lab.process_name("client", f"load-{label}")
     wait_until(lambda: not sb.is_running(name), args.duration + 30, 0.1,
                f"load run {label} to finish")
-    cpu1, up1 = vswitchd_cpu(sb), upcalls(gw)
+    cpu1, up1, th1 = vswitchd_cpu(sb), upcalls(gw), gw_threads(sb)
+    result_hv_upcalls = sum(upcalls(c) for c in sb.hypervisor_chassis) - hv_up0
     result = json.loads(out.read_text())
     result["vswitchd_cpu_s"] = {k: round(cpu1[k] - cpu0.get(k, 0.0), 3) for k in cpu1}
     result["upcalls_gw1"] = up1 - up0
+    result["gw1_threads_s"] = {k: round(v - th0.get(k, 0.0), 3) for k, v in th1.items()}
+    result["upcalls_hv"] = result_hv_upcalls
     result["pmd_gw1"] = pmd_stats(gw)
     flows = vip_dp_flows(gw, vip)
     result["vip_dp_flows_gw1"] = len(flows)
@@ -285,10 +311,15 @@ def report(results: dict[str, dict[str, dict]], expected_balance: dict[str, floa
                           + res[k]["vswitchd_cpu_s"].get("hv2", 0), res[k]["ok"])
               for k in labels}
         print(row("gw1 vswitchd CPU ms / 1,000 conns", [gw[k] for k in labels]))
-        for key in ("packets received", "avg. datapath passes per packet",
-                    "avg processing cycles per packet"):
+        kinds = sorted({t for k in labels for t in res[k]["gw1_threads_s"]})
+        for kind in kinds:
+            print(row(f"  of which {kind}", [per_1000(res[k]["gw1_threads_s"].get(kind, 0.0),
+                                                      res[k]["ok"]) for k in labels]))
+        for key in ("packets received", "avg. datapath passes per packet"):
             print(row(f"gw1 dp: {key}", [res[k]["pmd_gw1"].get(key) for k in labels]))
         print(row("hv1+hv2 vswitchd CPU ms / 1,000 conns", [hv[k] for k in labels]))
+        print(row("hv1+hv2 upcalls per connection",
+                  [round(res[k]["upcalls_hv"] / max(res[k]["ok"], 1), 3) for k in labels]))
         print(row("balance (busiest / mean)", [balance(res[k]["backends"], args.vms)
                                                for k in labels]))
         print(row("balance of the hash classes (predict)",

@@ -50,6 +50,12 @@ def our_flows(chassis: Chassis) -> list[str]:
     return [line.strip() for line in out.splitlines() if "cookie=" in line]
 
 
+def installed_fields(chassis: Chassis, group_id: int) -> str:
+    """The `fields(...)` the installed group hashes, as the switch reports it."""
+    header = our_groups(chassis, previous=True, known=(group_id,))[group_id].header
+    return header.split("selection_method=hash,", 1)[1]
+
+
 def our_groups(chassis: Chassis, previous: bool = False,
                known: tuple[int, ...] = ()) -> dict[int, InstalledGroup]:
     """Our gateway groups (with previous=True also the second-chance groups).

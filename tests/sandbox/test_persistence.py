@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from statelesslb.planner import GROUP_FIELDS
 from statelesslb.predict import FlowTuple, predict_bucket
 from statelesslb.sandbox import agents
 from statelesslb.sandbox.core import wait_until
@@ -13,6 +12,7 @@ from statelesslb.sandbox.traffic import (
     broken,
     conntrack_lines,
     create_lb,
+    installed_fields,
     lb_ids,
     midstream,
     open_connections,
@@ -74,8 +74,9 @@ def test_second_chance_keeps_sessions_when_a_backend_is_added(running, topo):
     # Not vacuous: the gateways now send some of these flows to vm4 (predicted with the
     # same hash OVS uses), which has no state for them.
     ids = lb_ids(sandbox, "lbs")[1]
+    fields = installed_fields(sandbox.chassis["gw1"], gid)
     moved = [c for c in conns if predict_bucket(
-        ids.values(), 100, GROUP_FIELDS,
+        ids.values(), 100, fields,
         FlowTuple.make(c.src_ip, vip, "tcp", c.sport, 80)) == ids["10.0.0.14:8080"]]
     assert moved
     arrivals = midstream(sandbox, topo, vip, conns, b"s1")
