@@ -2,6 +2,8 @@
 
     eval "$(statelesslb-sandbox up --dir /tmp/slb1 --gateways 2 --hypervisors 2)"
     ovn-nbctl show
+    statelesslb-sandbox up --dir /tmp/slb2 --topology --agents   # and an agent per chassis
+    statelesslb-ctl --socket /tmp/slb2/gw1/slb.ctl status
     statelesslb-sandbox status --dir /tmp/slb1 [--format json]
     statelesslb-sandbox down --dir /tmp/slb1
 
@@ -17,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from statelesslb.sandbox import agents
 from statelesslb.sandbox.core import MANIFEST, Sandbox, SandboxError
 from statelesslb.sandbox.topology import build_lb_topology
 
@@ -43,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--topology", action="store_true",
                     help="also build the standard LB topology (lr0, public, sw0, VMs)")
     up.add_argument("--vms", type=int, default=2, help="VMs in the topology (default 2)")
+    up.add_argument("--agents", action="store_true",
+                    help="also start a statelesslb-agent on every chassis (listed under "
+                    "\"agents\" in sandbox.json, stopped by `down`)")
     up.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
 
     down = sub.add_parser("down", help="stop exactly the processes the sandbox recorded")
@@ -62,15 +68,26 @@ def _up(args: argparse.Namespace) -> int:
     print(f"export OVN_SB_DB={sbx.sb}")
     print(f"sandbox up in {sbx.run_dir}: {len(sbx.chassis)} chassis registered in "
           f"{sbx.timings['registered']:.2f}s; manifest {sbx.manifest_path}", file=sys.stderr)
-    if args.topology:
-        try:
+    try:
+        if args.topology:
             topo = build_lb_topology(sbx, vms=args.vms, timeout=args.timeout)
-        except BaseException:
-            sbx.down()
-            raise
-        vms = ", ".join(f"{v.name} {v.ip} on {v.chassis}" for v in topo.vms)
-        print(f"topology: {topo.cr_port} on {topo.gateways[0]} after "
-              f"{topo.timings['cr_port_bound']:.2f}s; {vms}", file=sys.stderr)
+            vms = ", ".join(f"{v.name} {v.ip} on {v.chassis}" for v in topo.vms)
+            print(f"topology: {topo.cr_port} on {topo.gateways[0]} after "
+                  f"{topo.timings['cr_port_bound']:.2f}s; {vms}", file=sys.stderr)
+        if args.agents:
+            agents.start_agents(sbx, debug=False)
+            if args.topology:
+                agents.wait_agents_ready(sbx, timeout=args.timeout)
+            else:
+                # An agent derives OVN's table layout from a router's logical flows.
+                print("agents started; they sync once a logical router exists",
+                      file=sys.stderr)
+            for name, info in sorted(sbx.agents.items()):
+                print(f"agent on {name}: pid {info['pid']}, log {info['log']}; "
+                      f"statelesslb-ctl --socket {info['ctl']} status", file=sys.stderr)
+    except BaseException:
+        sbx.down()   # nothing half-started stays behind
+        raise
     return EXIT_OK
 
 

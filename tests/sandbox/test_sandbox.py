@@ -273,6 +273,33 @@ def test_cli_up_status_down(sandbox_run_dir: Path) -> None:
     assert r.returncode == 3 and "NOT running" in r.stdout
 
 
+def test_cli_up_with_agents(sandbox_run_dir: Path) -> None:
+    """`up --agents`: an agent per chassis, in the manifest, answering statelesslb-ctl,
+    and `down` stops them with everything else."""
+    d = str(sandbox_run_dir)
+    r = _cli("up", "--dir", d, "--gateways", "1", "--hypervisors", "1", "--topology",
+             "--vms", "1", "--agents")
+    pids: list[int] = []
+    try:
+        assert r.returncode == 0, r.stderr
+        doc = json.loads((sandbox_run_dir / "sandbox.json").read_text())
+        assert set(doc["agents"]) == {"gw1", "hv1"}
+        pids = [a["pid"] for a in doc["agents"].values()]
+        assert all(core.pid_alive(p) for p in pids)
+        for name, info in doc["agents"].items():
+            assert f"statelesslb-ctl --socket {info['ctl']} status" in r.stderr
+            ctl = subprocess.run([sys.executable, "-m", "statelesslb.ctl", "--socket",
+                                  info["ctl"], "--format", "json", "status"],
+                                 capture_output=True, text=True, timeout=30, check=False)
+            assert ctl.returncode == 0, ctl.stderr
+            status = json.loads(ctl.stdout)
+            assert status["chassis"] == name and status["last_full_sync"]
+    finally:
+        r = _cli("down", "--dir", d)
+    assert r.returncode == 0, r.stderr
+    assert not [p for p in pids if core.pid_alive(p)]
+
+
 def test_read_pcap_ignores_a_partial_last_record(tmp_path: Path) -> None:
     pkts = [P.tcp_syn("f0:00:00:00:00:01", "00:00:00:00:ff:01", "172.16.0.50", "10.0.0.11",
                       1000 + i, 80) for i in range(2)]
