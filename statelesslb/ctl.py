@@ -659,6 +659,25 @@ def cmd_trace(ctx: Context) -> Result:
     return doc, render_trace(doc, a.verbose)
 
 
+def cmd_metrics(ctx: Context) -> Result:
+    doc = ctx.agent().call("metrics")
+    text = doc.get("text", "") if isinstance(doc, dict) else ""
+    output = ctx.args.output
+    if output:
+        # Written whole, then renamed: a scraper never reads half a file.
+        tmp = f"{output}.tmp.{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, output)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise CtlError(f"cannot write {output}: {exc.strerror or exc}", EXIT_ERROR) from None
+        return {"written": output}, f"wrote {output}"
+    return doc, text.rstrip("\n")
+
+
 def _cmd_drain(ctx: Context, drain: bool) -> Result:
     lb = check_lb_ref(ctx.args.lb)
     backend = check_endpoint(ctx.args.backend, "BACKEND")
@@ -740,6 +759,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vip", metavar="VIP:PORT", help="which VIP, when LB has several")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also print the whole ofproto/trace")
+    p = add("metrics", cmd_metrics, "counters of this chassis in the Prometheus text format")
+    p.add_argument("--output", metavar="FILE",
+                   help="write them to FILE atomically (for node_exporter's textfile "
+                   "collector) instead of printing them")
     p = add("drain", cmd_drain, "stop sending new flows to BACKEND (edits the NB)")
     p.add_argument("lb", metavar="LB")
     p.add_argument("backend", metavar="BACKEND", help="IP:port or [IPv6]:port")

@@ -42,6 +42,16 @@ import ovs.unixctl.server
 from statelesslb import __version__
 from statelesslb.buckets import parse_drain, parse_id_map, parse_previous
 from statelesslb.diff import bucket_body, want_buckets
+from statelesslb.metrics import (
+    AGENT_HEALTHY,
+    BACKEND_CONNTRACK,
+    BUCKET_BYTES,
+    BUCKET_PACKETS,
+    LB_STATE,
+    Metric,
+    conntrack_counts,
+    render,
+)
 from statelesslb.model import (
     EXT_BUCKETS,
     EXT_DRAIN,
@@ -64,6 +74,7 @@ from statelesslb.ofstrings import (
 from statelesslb.openflow import InstalledGroup, OfctlError
 from statelesslb.planner import (
     BUCKET_WEIGHT,
+    ROLE_BACKEND,
     Plan,
     PlanConfig,
     l4_match,
@@ -625,6 +636,38 @@ def trace_doc(snapshot: Snapshot, config: PlanConfig, req: TraceRequest,
     }
 
 
+def metrics_text(snapshot: Snapshot, plan: Plan | None, groups: Mapping[str, Any],
+                 conntrack: Mapping[tuple[str, int, str, int], int], healthy: bool) -> str:
+    """The Prometheus exposition of this chassis: bucket counters of its groups (by
+    bucket id), conntrack entries per local backend and VIP, each LB's state."""
+    chassis = snapshot.chassis
+    samples: list[tuple[Metric, Mapping[str, object], float | int | None]] = [
+        (AGENT_HEALTHY, {"chassis": chassis}, int(healthy))]
+    for group in groups.get("groups", []):
+        for bucket in group["buckets"]:
+            labels = {"chassis": chassis, "lb": group.get("lb"), "vip": group.get("vip"),
+                      "group": group.get("kind"), "bucket_id": bucket["bucket_id"],
+                      "backend": bucket.get("backend")}
+            samples.append((BUCKET_PACKETS, labels, bucket.get("packet_count")))
+            samples.append((BUCKET_BYTES, labels, bucket.get("byte_count")))
+    for uuid, status in sorted((plan.lb_status if plan else {}).items()):
+        samples.append((LB_STATE, {"chassis": chassis, "lb": status.name, "lb_uuid": uuid,
+                                   "state": status.state}, 1))
+        lb = snapshot.nb.load_balancers.get(uuid)
+        valid = _valid(snapshot, lb) if lb is not None else None
+        if valid is None or ROLE_BACKEND not in status.roles:
+            continue
+        for vip in valid.vips:
+            for backend in vip.backends:
+                count = conntrack.get((ip_text(vip.ip), vip.port, ip_text(backend.ip),
+                                       backend.port))
+                if count:
+                    samples.append((BACKEND_CONNTRACK, {
+                        "chassis": chassis, "lb": valid.name, "vip": vip.key,
+                        "backend": backend.key}, count))
+    return render(samples)
+
+
 def health_problems(status: Mapping[str, Any], resync_interval: float,
                     now: float) -> list[str]:
     """Why this agent is not healthy, in words an operator can act on; [] when healthy."""
@@ -671,6 +714,7 @@ class CtlServer:
         self.register("trace", self._trace, 4, 5)
         self.register("plan", self._plan)
         self.register("resync", self._resync)
+        self.register("metrics", self._metrics)
 
     def register(self, name: str, handler, min_args: int = 0, max_args: int = 0) -> None:
         """handler(argv) -> JSON-able object; raise ValueError for a user error."""
@@ -821,6 +865,14 @@ class CtlServer:
     def _resync(self, argv):
         self.agent.request_resync()
         return {"resync": "requested"}
+
+    def _metrics(self, argv):
+        snapshot, plan = self._snapshot()
+        installed, stats = self._read_groups()
+        groups = groups_doc(snapshot, plan, self.agent.plan_config, installed, stats)
+        conntrack = conntrack_counts(self._appctl("dpctl/dump-conntrack"))
+        healthy = self._status([])["healthy"]
+        return {"text": metrics_text(snapshot, plan, groups, conntrack, healthy)}
 
     # -- ovs-vswitchd ------------------------------------------------------------------
     def _bridge(self) -> str:

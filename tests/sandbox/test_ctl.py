@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -208,6 +209,59 @@ def test_groups_counters_and_trace_follow_real_packets(lab: Sandbox, topo: Topol
     wait_until(counted, 10, 0.1, f"per-bucket packet counters to grow by {expected}")
     text = ctl("groups", *sock(lab, "gw1")).stdout
     assert "[in sync]" in text and "BUCKET  BACKEND" in text
+
+
+_SAMPLE = re.compile(r'^(\w+)\{(.*)\} (\d+)$')
+
+
+def samples(text: str, name: str) -> dict[frozenset, int]:
+    """A metric's samples from exposition text, read with a regex of the test's own."""
+    out = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and m.group(1) == name:
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+            out[labels] = int(m.group(3))
+    return out
+
+
+def test_metrics_follow_bucket_counters_and_backend_conntrack(lab: Sandbox, topo: Topology,
+                                                              tmp_path) -> None:
+    # A new connection: the gateway counts a packet on its bucket, the backend's chassis
+    # commits it to conntrack.
+    sport = 41500
+    backend = trace(lab, sport)["backend"]
+    vm = topo.vm_by_ip(backend["backend"].split(":")[0])
+    lab.client_inject(P.tcp_syn(topo.client_mac, topo.dgp_mac, topo.client_ip, VIP_IP,
+                                sport, 80))
+    wait_until(lambda: [p for p in lab.chassis[vm.chassis].sent(vm.name)
+                        if P.is_tcp(p, "S", sport=sport)], 10, 0.05, f"the SYN at {vm.name}")
+
+    counters = {b: row["packet_count"] for b, row in groups_of(lab).items()}
+    text = ctl("metrics", *sock(lab, "gw1")).stdout
+    assert "# TYPE statelesslb_bucket_packets_total counter" in text
+    packets = samples(text, "statelesslb_bucket_packets_total")
+    by_bucket = {dict(labels)["bucket_id"]: (dict(labels), value)
+                 for labels, value in packets.items()}
+    assert set(by_bucket) == {str(b) for b in counters}
+    for bucket_id, (labels, value) in by_bucket.items():
+        assert value == counters[int(bucket_id)]
+        assert (labels["chassis"], labels["lb"], labels["vip"], labels["group"]) == (
+            "gw1", LB, VIP, "gateway")
+    assert by_bucket[str(backend["bucket_id"])][1] >= 1
+    assert samples(text, "statelesslb_agent_healthy") == {frozenset({("chassis", "gw1")}): 1}
+    assert {dict(k)["state"] for k in samples(text, "statelesslb_lb_state")} == {"ok"}
+
+    want = frozenset({("chassis", vm.chassis), ("lb", LB), ("vip", VIP),
+                      ("backend", backend["backend"])})
+    hv_text = ctl("metrics", *sock(lab, vm.chassis)).stdout
+    assert samples(hv_text, "statelesslb_backend_conntrack_entries").get(want, 0) >= 1
+
+    out = tmp_path / "statelesslb.prom"
+    run = ctl("metrics", "--output", str(out), *sock(lab, vm.chassis))
+    assert run.returncode == 0 and run.stdout.strip() == f"wrote {out}"
+    assert samples(out.read_text(), "statelesslb_backend_conntrack_entries").get(want, 0) >= 1
+    assert [p.name for p in tmp_path.iterdir()] == ["statelesslb.prom"]   # no temp left
 
 
 def test_drain_removes_the_bucket_and_keeps_the_dnat_flows(lab: Sandbox) -> None:
