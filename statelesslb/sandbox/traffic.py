@@ -222,7 +222,7 @@ def open_connections(sb: Sandbox, topo: Topology, vip: str, sports: range,
     conns = []
     for sport, (vm, backend_port) in sorted(owner.items()):
         sb.chassis[vm.chassis].inject(vm.name, P.tcp_synack(
-            vm.mac, topo.router_port_mac, vm.ip, src, backend_port, sport))
+            vm.mac, topo.gateway_mac(vm), vm.ip, src, backend_port, sport))
         sb.client_inject(P.tcp_ack(topo.client_mac, mac, src, vip, sport, dport))
         conns.append(Conn(src, sport, vm.name))
     return conns
@@ -270,7 +270,7 @@ def reply_from(sb: Sandbox, topo: Topology, arrival: Arrival, sport: int,
     seen = len(sb.client_received())
     vm = arrival.vm
     sb.chassis[vm.chassis].inject(vm.name, P.tcp_synack(
-        vm.mac, topo.router_port_mac, vm.ip, topo.client_ip, backend_port, sport))
+        vm.mac, topo.gateway_mac(vm), vm.ip, topo.client_ip, backend_port, sport))
 
     def received():
         for pkt in sb.client_received()[seen:]:
