@@ -238,9 +238,21 @@ class GroupSpec:
             )
         return [checked_line(line) for line in lines]
 
-    def insert_bucket_line(self, bucket_id: int) -> str:
+    def insert_bucket_line(self, bucket_id: int, after: int | str = "last") -> str:
+        """Insert one bucket after bucket `after` (an id, "first" or "last").
+
+        OVS 3.1 puts inserted buckets AFTER command_bucket_id (the man page says
+        before); "first" puts them at the front.
+        """
+        if isinstance(after, str):
+            if after not in ("first", "last"):
+                raise ValueError(f"bad insert position {after!r}")
+            where = after
+        else:
+            _check_range("bucket id", after, 0, MAX_BUCKET_ID)
+            where = str(after)
         return checked_line(
-            f"group insert_bucket group_id={self.group_id},command_bucket_id=last,"
+            f"group insert_bucket group_id={self.group_id},command_bucket_id={where},"
             + self.bucket_text(bucket_id)
         )
 
