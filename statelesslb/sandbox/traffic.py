@@ -10,9 +10,10 @@ import re
 from dataclasses import dataclass
 
 from statelesslb.model import EXT_BUCKETS, EXT_STATUS, EXT_VIP_IDS
-from statelesslb.openflow import COOKIE_MASK, InstalledGroup, Ofctl
+from statelesslb.openflow import COOKIE_MASK, InstalledGroup, Ofctl, OfctlError, parse_groups
 from statelesslb.sandbox import packets as P
 from statelesslb.sandbox.core import Chassis, Sandbox, parse_ctl_json, wait_until
+from statelesslb.sandbox.ovsread import cross_check, read_groups
 from statelesslb.sandbox.topology import Topology, Vm
 
 COOKIE_PREFIX = 0x51B0
@@ -54,10 +55,29 @@ def our_groups(chassis: Chassis, previous: bool = False,
                known: tuple[int, ...] = ()) -> dict[int, InstalledGroup]:
     """Our gateway groups (with previous=True also the second-chance groups).
 
-    Read as the agent reads them (Ofctl.groups: one dump per group, `known` ids too).
+    Read as the agent reads them (one dump per group, the ids group stats list and
+    `known`, parsed by openflow.parse_groups), and each dump read again independently
+    (ovsread: ovs.flow's decoder): the two readings must agree, so a parser bug cannot
+    cancel out between the agent and the checks.
     """
     top = GROUP_BASE + (0x1FFFFFFF if previous else 0x0FFFFFFF)
-    return Ofctl(chassis.br_int, chassis.sandbox.bin["ovs-ofctl"]).groups(GROUP_BASE, top, known)
+    ofctl = Ofctl(chassis.br_int, chassis.sandbox.bin["ovs-ofctl"])
+    out: dict[int, InstalledGroup] = {}
+    for gid in sorted(ofctl.group_ids() | set(known)):
+        if not GROUP_BASE <= gid <= top:
+            continue
+        try:
+            dump = ofctl.run("dump-groups", str(gid))
+        except OfctlError as exc:
+            if "UNKNOWN_GROUP" in str(exc):
+                continue
+            raise
+        product = parse_groups(dump, GROUP_BASE, top)
+        independent = read_groups(dump)
+        assert product.keys() == independent.keys() == {gid}, (gid, dump)
+        cross_check(product[gid], independent[gid])
+        out.update(product)
+    return out
 
 
 def ovn_state(chassis: Chassis) -> tuple[frozenset[str], frozenset[str]]:

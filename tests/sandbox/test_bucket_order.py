@@ -26,9 +26,10 @@ from pathlib import Path
 import pytest
 
 from statelesslb.diff import diff_lines
-from statelesslb.openflow import InstalledState, Ofctl
+from statelesslb.openflow import InstalledState, Ofctl, parse_groups
 from statelesslb.planner import BUCKET_WEIGHT, GROUP_FIELDS, GroupSpec, Plan
 from statelesslb.predict import bucket_hash16, flow_basis
+from statelesslb.sandbox.ovsread import cross_check, read_groups
 from statelesslb.sandbox.switch import Switch, find_tools, random_tuples
 
 pytestmark = pytest.mark.sandbox
@@ -42,8 +43,14 @@ _USING = re.compile(r"-> using bucket (\d+)")
 
 
 def body(bid: int, generation: int) -> str:
-    # The generation stands for a backend's MAC changing under the same bucket id.
-    return f"set_field:02:00:00:00:{generation % 256:02x}:{bid:02x}->eth_dst,output:{OUT_PORT}"
+    """The planner's two bucket forms (gateway, previous set); the generation stands for
+    a backend's MAC changing under the same bucket id."""
+    mac = f"02:00:00:00:{generation % 256:02x}:{bid:02x}"
+    if bid % 2:
+        return (f"set_field:00:00:00:00:ff:02->eth_src,set_field:{mac}->eth_dst,dec_ttl,"
+                f"set_field:0x2->reg15,resubmit(,37)")
+    return (f"set_field:{mac}->eth_dst,set_field:0x2->metadata,set_field:0x0->reg14,"
+            f"set_field:{bid:#x}->reg15,resubmit(,203)")
 
 
 def spec(buckets: dict[int, int]) -> GroupSpec:
@@ -60,7 +67,11 @@ def installed(ofctl: Ofctl) -> InstalledState:
 
 
 def order(ofctl: Ofctl) -> list[int]:
-    return list(ofctl.groups(GID, GID, (GID,))[GID].buckets)
+    """The bucket ids in list order, read independently of the agent's parser."""
+    dump = ofctl.run("dump-groups", str(GID))
+    read = read_groups(dump)[GID]
+    cross_check(parse_groups(dump, GID, GID)[GID], read)
+    return [b.bucket_id for b in read.buckets]
 
 
 def legacy_lines(group: GroupSpec, state: InstalledState) -> list[str]:
@@ -139,6 +150,8 @@ def test_lived_and_fresh_gateways_agree_on_every_tuple_ties_included(switches):
             appended += order(ofctl["lived"]) != sorted(extra)
         ofctl["lived"].bundle(diff_lines(plan_of(final), installed(ofctl["lived"])))
         assert order(ofctl["lived"]) == sorted(buckets), f"step {step}"
+        # Round trip: what OVS prints back is what the planner renders (no churn).
+        assert diff_lines(plan_of(final), installed(ofctl["lived"])) == [], f"step {step}"
         ofctl["legacy"].bundle(legacy_lines(final, installed(ofctl["legacy"])))
     assert appended >= 8   # the repair path really ran
     ofctl["fresh"].bundle(final.add_lines())
