@@ -1115,7 +1115,8 @@ def _previous_group(
     backend, whatever its switch, and the previous owner may be on another switch
     of the router): metadata = its switch, inport = 0 (no port; the caller's
     inport belongs to the caller's switch and might equal the owner's key there,
-    which OVN's loopback check drops), outport = its port. The redirect table
+    which OVN's loopback check drops; written `0` as OVS prints it back, or every
+    resync would see a difference), outport = its port. The redirect table
     then commits locally or outputs towards it once.
     """
     buckets = {}
@@ -1132,7 +1133,7 @@ def _previous_group(
             targets.add(binding.datapath_key)
             buckets[bid] = (f"set_field:{canonical_mac}->eth_dst,"
                             f"set_field:{hex_int(binding.datapath_key)}->metadata,"
-                            "set_field:0x0->reg14,"
+                            "set_field:0->reg14,"
                             f"set_field:{hex_int(binding.tunnel_key)}->reg15,{redirect}")
     return (GroupSpec(config.previous_group_base + ids.vip_ids[vip.key], GROUP_FIELDS,
                       buckets), targets)

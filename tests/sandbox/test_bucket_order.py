@@ -49,7 +49,7 @@ def body(bid: int, generation: int) -> str:
     if bid % 2:
         return (f"set_field:00:00:00:00:ff:02->eth_src,set_field:{mac}->eth_dst,dec_ttl,"
                 f"set_field:0x2->reg15,resubmit(,37)")
-    return (f"set_field:{mac}->eth_dst,set_field:0x2->metadata,set_field:0x0->reg14,"
+    return (f"set_field:{mac}->eth_dst,set_field:0x2->metadata,set_field:0->reg14,"
             f"set_field:{bid:#x}->reg15,resubmit(,203)")
 
 

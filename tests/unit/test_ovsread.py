@@ -18,7 +18,7 @@ DUMP = (
     "actions=set_field:00:00:00:00:ff:02->eth_src,set_field:50:54:00:00:00:01->eth_dst,"
     "dec_ttl,set_field:0x2->reg15,resubmit(,37),bucket=bucket_id:3,weight:100,"
     "actions=set_field:50:54:00:00:00:03->eth_dst,set_field:0x2->metadata,"
-    "set_field:0x0->reg14,set_field:0x4->reg15,resubmit(,203),bucket=bucket_id:2,"
+    "set_field:0->reg14,set_field:0x4->reg15,resubmit(,203),bucket=bucket_id:2,"
     "weight:100,actions=ct(commit,table=43,zone=NXM_NX_REG13[0..15],"
     "nat(dst=10.0.0.11:8080))\n"
     f" group_id={GID + 1},type=select,selection_method=hash,fields(ip_src)\n"

@@ -74,10 +74,10 @@ def test_previous_group_steers_each_bucket_to_its_owners_switch():
     assert dict(group.buckets) == {
         buckets["10.0.0.11:8080"]:
             f"set_field:50:54:00:00:00:01->eth_dst,set_field:{LS0_DP:#x}->metadata,"
-            f"set_field:0x0->reg14,set_field:{port['vm1']:#x}->reg15,{redirect}",
+            f"set_field:0->reg14,set_field:{port['vm1']:#x}->reg15,{redirect}",
         buckets["10.0.1.15:8080"]:
             f"set_field:50:54:00:00:00:05->eth_dst,set_field:{LS1_DP:#x}->metadata,"
-            f"set_field:0x0->reg14,set_field:{port['vm5']:#x}->reg15,{redirect}",
+            f"set_field:0->reg14,set_field:{port['vm5']:#x}->reg15,{redirect}",
     }
     # The redirect table outputs in both switches, not only in vm2's.
     outputs = {f.match: f.actions for f in result.flows.values()
