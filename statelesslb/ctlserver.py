@@ -41,7 +41,7 @@ import ovs.unixctl.server
 
 from statelesslb import __version__
 from statelesslb.buckets import parse_drain, parse_id_map, parse_previous
-from statelesslb.diff import bucket_body, want_buckets
+from statelesslb.diff import bucket_body, group_header, want_buckets
 from statelesslb.metrics import (
     AGENT_HEALTHY,
     BACKEND_CONNTRACK,
@@ -383,9 +383,11 @@ def groups_doc(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
                 "byte_count": octets,
             })
         planned = plan.groups.get(group_id) if plan else None
-        in_sync = planned is not None and {
-            bid: bucket_body(body) for bid, body in group.buckets.items()
-        } == want_buckets(planned)
+        # In sync: same header, same buckets, in the same (canonical) order: ties go
+        # to the bucket listed later, so the order is part of what gateways agree on.
+        in_sync = planned is not None and group.header == group_header(planned) and [
+            (bid, bucket_body(body)) for bid, body in group.buckets.items()
+        ] == list(want_buckets(planned).items())
         # Drained buckets are left out of the gateway groups only; a previous set is
         # the history it is.
         drained = (sorted(key for key in ids.drained if key in ids.bucket_ids)

@@ -7,6 +7,7 @@ group ids and the other buckets' ids (and counters) never change.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Set
 
@@ -33,7 +34,38 @@ def group_header(group: GroupSpec) -> str:
     return f"type=select,selection_method=hash,{group.fields}"
 
 
+def in_canonical_order(bucket_ids: list[int]) -> list[int]:
+    """The longest subsequence of `bucket_ids` already in ascending order (the rest
+    must move): a longest increasing subsequence, O(n log n)."""
+    tails: list[int] = []          # tails[k]: index of the last id of the best run of k+1
+    tail_ids: list[int] = []       # bucket_ids[tails[k]], for bisect
+    parent: list[int] = [-1] * len(bucket_ids)
+    for i, bid in enumerate(bucket_ids):
+        k = bisect.bisect_left(tail_ids, bid)
+        if k:
+            parent[i] = tails[k - 1]
+        if k == len(tails):
+            tails.append(i)
+            tail_ids.append(bid)
+        else:
+            tails[k], tail_ids[k] = i, bid
+    run, i = [], tails[-1] if tails else -1
+    while i >= 0:
+        run.append(bucket_ids[i])
+        i = parent[i]
+    return run[::-1]
+
+
 def _group_changes(want: GroupSpec, have: InstalledGroup) -> list[str]:
+    """Remove and insert buckets so the group ends as `want`, in ascending id order.
+
+    Ties between bucket scores go to the bucket listed later, so every gateway must
+    list the same buckets in the same order: the canonical one, ascending ids, as a
+    fresh `group add` lists them. New buckets go in at their sorted position; a
+    bucket found out of order (appended by an older agent, or added by hand) is
+    removed and inserted again, in the same atomic bundle. `have.buckets` is in
+    the group's list order (dump order).
+    """
     if have.header != group_header(want):
         # Selection method or fields differ (an upgrade, or someone else's edit): a full
         # modify resends them; buckets keep their ids so the choice of backends holds.
@@ -41,12 +73,19 @@ def _group_changes(want: GroupSpec, have: InstalledGroup) -> list[str]:
         return ["group modify " + first.removeprefix("group add "), *rest]
     lines = []
     wanted = want_buckets(want)
-    for bid, body in sorted(have.buckets.items()):
-        if wanted.get(bid) != bucket_body(body):
+    kept = []
+    for bid, body in have.buckets.items():
+        if wanted.get(bid) == bucket_body(body):
+            kept.append(bid)
+        else:
             lines.append(want.remove_bucket_line(bid))
-    for bid, body in sorted(wanted.items()):
-        if bucket_body(have.buckets.get(bid, "")) != body:
-            lines.append(want.insert_bucket_line(bid))
+    present = in_canonical_order(kept)
+    staying = set(present)
+    lines.extend(want.remove_bucket_line(bid) for bid in kept if bid not in staying)
+    for bid in sorted(wanted.keys() - staying):
+        at = bisect.bisect_left(present, bid)
+        lines.append(want.insert_bucket_line(bid, present[at - 1] if at else "first"))
+        present.insert(at, bid)
     return lines
 
 

@@ -240,9 +240,21 @@ class GroupSpec:
             )
         return [checked_line(line) for line in lines]
 
-    def insert_bucket_line(self, bucket_id: int) -> str:
+    def insert_bucket_line(self, bucket_id: int, after: int | str = "last") -> str:
+        """Insert one bucket after bucket `after` (an id, "first" or "last").
+
+        OVS 3.1 puts inserted buckets AFTER command_bucket_id (the man page says
+        before); "first" puts them at the front.
+        """
+        if isinstance(after, str):
+            if after not in ("first", "last"):
+                raise ValueError(f"bad insert position {after!r}")
+            where = after
+        else:
+            _check_range("bucket id", after, 0, MAX_BUCKET_ID)
+            where = str(after)
         return checked_line(
-            f"group insert_bucket group_id={self.group_id},command_bucket_id=last,"
+            f"group insert_bucket group_id={self.group_id},command_bucket_id={where},"
             + self.bucket_text(bucket_id)
         )
 
@@ -1020,7 +1032,14 @@ def _plan_backends(
     valid: ValidLb, ids: _Ids, snapshot: Snapshot, config: PlanConfig, out: _Candidate
 ) -> None:
     sb, tables = snapshot.sb, snapshot.tables
-    router_macs: dict[int, str] = {}   # switch datapath key -> its router port's MAC
+    # Switch datapath key -> its router port's MAC, from every VIP's backends first:
+    # a backend only in a previous set may sit on a switch another VIP uses.
+    router_macs: dict[int, str] = {}
+    for vip in valid.vips:
+        for backend in vip.backends:
+            switch_dp = usable_datapath_key(sb, backend.switch_uuid)
+            if switch_dp is not None:
+                router_macs.setdefault(switch_dp, backend.router_port_mac)
     for vip in valid.vips:
         local = []
         for backend in vip.backends:
@@ -1034,7 +1053,6 @@ def _plan_backends(
                 out.pending.append(
                     f"no usable SB datapath for the switch of {show(backend.lsp_name)} yet")
                 continue
-            router_macs[switch_dp] = backend.router_port_mac
             if binding.chassis != snapshot.chassis:
                 continue
             local.append(_LocalBackend(backend.ip, backend.port, backend.key, backend.mac,
@@ -1053,8 +1071,18 @@ def _plan_backends(
         second_chance = (valid.second_chance and valid.protocol == "tcp")
         prev_group = None
         if second_chance and previous and local:
-            prev_group = _previous_group(valid, vip, previous, ids, sb, config)
+            prev_group, targets = _previous_group(valid, vip, previous, ids, sb, config)
             out.groups[prev_group.group_id] = (prev_group, vip.key)
+            # A redirected packet leaves through the previous owner's switch, which
+            # may be another switch of the router than the one it came in on.
+            l4, ip_prefix = l4_match(valid.protocol, vip.ip)
+            for dp in sorted(targets | {b.switch_dp for b in local}):
+                out.add_flow(FlowSpec(
+                    config.redirect_table, 100,
+                    f"{l4},metadata={hex_int(dp)},{ip_prefix}_dst={ip_text(vip.ip)},"
+                    f"tp_dst={dec_int(vip.port, 0xFFFF)}",
+                    f"resubmit(,{dec_int(tables.output, MAX_TABLE)})",
+                    config.cookie_prefix), vip.key)
         for backend in local:
             out.roles.add(ROLE_BACKEND)
             _backend_flows(valid, vip, backend, second_chance, prev_group, tables, config,
@@ -1079,26 +1107,38 @@ def _previous_backend(
 def _previous_group(
     valid: ValidLb, vip: ValidVip, previous: Mapping[str, tuple[int, str, str]], ids: _Ids,
     sb: SbView, config: PlanConfig,
-) -> GroupSpec:
-    """The gateways' group as it was before the last change, on a backend's chassis.
+) -> tuple[GroupSpec, set[int]]:
+    """The gateways' group as it was before the last change, on a backend's chassis,
+    and the switch datapaths its buckets send to.
 
     Same bucket ids, same fields: it picks for a packet the backend the gateways
     picked before the change, the one that holds the connection. Each bucket
-    steers there; the redirect table then commits locally or forwards once.
+    steers there, on that backend's own switch (the group serves every local
+    backend, whatever its switch, and the previous owner may be on another switch
+    of the router): metadata = its switch, inport = 0 (no port; the caller's
+    inport belongs to the caller's switch and might equal the owner's key there,
+    which OVN's loopback check drops; written `0` as OVS prints it back, or every
+    resync would see a difference), outport = its port. The redirect table
+    then commits locally or outputs towards it once.
     """
     buckets = {}
+    targets: set[int] = set()
+    redirect = f"resubmit(,{dec_int(config.redirect_table, MAX_TABLE)})"
     for _key, (bid, mac, lsp) in sorted(previous.items()):
         canonical_mac = parse_mac(mac)
         binding = usable_binding(sb, lsp)
-        redirect = f"resubmit(,{dec_int(config.redirect_table, MAX_TABLE)})"
-        if canonical_mac is None or binding is None:
+        if (canonical_mac is None or binding is None
+                or not 0 < binding.datapath_key <= 0xFFFFFFFF):
             # Unknown now: no state to find anywhere, so serve it here.
             buckets[bid] = redirect
         else:
+            targets.add(binding.datapath_key)
             buckets[bid] = (f"set_field:{canonical_mac}->eth_dst,"
+                            f"set_field:{hex_int(binding.datapath_key)}->metadata,"
+                            "set_field:0->reg14,"
                             f"set_field:{hex_int(binding.tunnel_key)}->reg15,{redirect}")
-    return GroupSpec(config.previous_group_base + ids.vip_ids[vip.key],
-                     valid.group_fields(vip), buckets)
+    return (GroupSpec(config.previous_group_base + ids.vip_ids[vip.key],
+                      valid.group_fields(vip), buckets), targets)
 
 
 def _backend_flows(
@@ -1162,9 +1202,6 @@ def _backend_flows(
             decide, 150, f"ct_state=+new+trk,{here},dl_src={rp_mac},{vip_part}",
             f"set_field:{mac_text(b.mac)}->eth_src,group:{dec_int(prev_group.group_id)}",
             config.cookie_prefix))
-        flows.append(FlowSpec(
-            config.redirect_table, 100, f"{l4},metadata={dp_key},{vip_part}",
-            f"resubmit(,{dec_int(tables.output, MAX_TABLE)})", config.cookie_prefix))
     for flow in flows:
         out.add_flow(flow, vip.key)
 

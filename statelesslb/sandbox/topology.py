@@ -27,6 +27,9 @@ class Vm:
     mac: str
     ip: str
     chassis: str
+    # The MAC of the router port on the VM's switch ("" = the topology's router_port_mac):
+    # the VM's replies go there.
+    router_mac: str = ""
 
 
 @dataclass
@@ -74,6 +77,10 @@ class Topology:
             if vm.ip == ip:
                 return vm
         raise KeyError(ip)
+
+    def gateway_mac(self, vm: Vm) -> str:
+        """The MAC `vm` sends its replies to: the router port on its own switch."""
+        return vm.router_mac or self.router_port_mac
 
     def dp_key(self, datapath: str) -> int:
         return self.datapath_keys[datapath]
@@ -227,3 +234,38 @@ def add_second_dgp(sb: Sandbox, topo: Topology, gateway: str | None = None,
     sb.wait_settled(timeout)
     _fill_keys(sb, topo)
     return d
+
+
+def add_backend_switch(sb: Sandbox, topo: Topology, vms: int = 2, *, switch: str = "sw1",
+                       subnet: int = 1, router_port_mac: str = "00:00:00:00:ff:04",
+                       timeout: float = 60.0) -> list[Vm]:
+    """A second backend switch on lr0 (10.0.<subnet>.0/24) with `vms` VMs of its own.
+
+    Its VMs (vm<n+1>.., 10.0.<subnet>.<10+i>, MACs 50:54:00:00:<subnet>:<i>) go on the
+    hypervisors in turn and join `topo.vms`. Returns them.
+    """
+    hvs = [c.name for c in sb.hypervisor_chassis]
+    lrp = f"{topo.router}-{switch}"
+    sb.nbctl("lrp-add", topo.router, lrp, router_port_mac, f"10.0.{subnet}.1/24",
+             "--", "ls-add", switch)
+    _router_port(sb, switch, f"{switch}-{topo.router}", lrp)
+    first = len(topo.vms) + 1
+    new = [Vm(f"vm{first + i}", f"50:54:00:00:{subnet:02x}:{i + 1:02x}",
+              f"10.0.{subnet}.{11 + i}", hvs[i % len(hvs)], router_port_mac)
+           for i in range(vms)]
+    for vm in new:
+        sb.nbctl("lsp-add", switch, vm.name,
+                 "--", "lsp-set-addresses", vm.name, f"{vm.mac} {vm.ip}")
+        sb.chassis[vm.chassis].bind_vif(vm.name, vm.name)
+    names = {vm.name for vm in new}
+
+    def up() -> bool:
+        rows = sb.sb_rows("Port_Binding", "type=\"\"", columns=["logical_port", "chassis", "up"])
+        return names <= {r["logical_port"] for r in rows if r["chassis"] and r["up"] is True}
+
+    wait_until(up, timeout, 0.05, f"VM ports {', '.join(sorted(names))} bound and up",
+               ignore=(CommandError,))
+    topo.vms.extend(new)
+    _fill_keys(sb, topo)
+    sb.wait_settled(timeout)
+    return new

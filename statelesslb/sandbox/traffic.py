@@ -10,9 +10,10 @@ import re
 from dataclasses import dataclass
 
 from statelesslb.model import EXT_BUCKETS, EXT_STATUS, EXT_VIP_IDS
-from statelesslb.openflow import COOKIE_MASK, InstalledGroup, Ofctl
+from statelesslb.openflow import COOKIE_MASK, InstalledGroup, Ofctl, OfctlError, parse_groups
 from statelesslb.sandbox import packets as P
 from statelesslb.sandbox.core import Chassis, Sandbox, parse_ctl_json, wait_until
+from statelesslb.sandbox.ovsread import cross_check, read_groups
 from statelesslb.sandbox.topology import Topology, Vm
 
 COOKIE_PREFIX = 0x51B0
@@ -60,10 +61,32 @@ def our_groups(chassis: Chassis, previous: bool = False,
                known: tuple[int, ...] = ()) -> dict[int, InstalledGroup]:
     """Our gateway groups (with previous=True also the second-chance groups).
 
-    Read as the agent reads them (Ofctl.groups: one dump per group, `known` ids too).
+    Read as the agent reads them (one dump per group, the ids group stats list and
+    `known`, parsed by openflow.parse_groups), and each dump read again independently
+    (ovsread: ovs.flow's decoder): the two readings must agree, so a parser bug cannot
+    cancel out between the agent and the checks.
     """
     top = GROUP_BASE + (0x1FFFFFFF if previous else 0x0FFFFFFF)
-    return Ofctl(chassis.br_int, chassis.sandbox.bin["ovs-ofctl"]).groups(GROUP_BASE, top, known)
+    ofctl = Ofctl(chassis.br_int, chassis.sandbox.bin["ovs-ofctl"])
+    out: dict[int, InstalledGroup] = {}
+    for gid in sorted(ofctl.group_ids() | set(known)):
+        if not GROUP_BASE <= gid <= top:
+            continue
+        try:
+            dump = ofctl.run("dump-groups", str(gid))
+        except OfctlError as exc:
+            if "UNKNOWN_GROUP" in str(exc):
+                continue
+            raise
+        product = parse_groups(dump, GROUP_BASE, top)
+        independent = read_groups(dump)
+        # An empty dump (a group gone meanwhile, or one above 64 KiB: OVS 3.1 sends
+        # nothing) reads as no group both ways.
+        assert product.keys() == independent.keys() <= {gid}, (gid, dump)
+        for read in product:
+            cross_check(product[read], independent[read])
+        out.update(product)
+    return out
 
 
 def ovn_state(chassis: Chassis) -> tuple[frozenset[str], frozenset[str]]:
@@ -228,7 +251,7 @@ def open_connections(sb: Sandbox, topo: Topology, vip: str, sports: range,
     conns = []
     for sport, (vm, backend_port) in sorted(owner.items()):
         sb.chassis[vm.chassis].inject(vm.name, P.tcp_synack(
-            vm.mac, topo.router_port_mac, vm.ip, src, backend_port, sport))
+            vm.mac, topo.gateway_mac(vm), vm.ip, src, backend_port, sport))
         sb.client_inject(P.tcp_ack(topo.client_mac, mac, src, vip, sport, dport))
         conns.append(Conn(src, sport, vm.name))
     return conns
@@ -276,7 +299,7 @@ def reply_from(sb: Sandbox, topo: Topology, arrival: Arrival, sport: int,
     seen = len(sb.client_received())
     vm = arrival.vm
     sb.chassis[vm.chassis].inject(vm.name, P.tcp_synack(
-        vm.mac, topo.router_port_mac, vm.ip, topo.client_ip, backend_port, sport))
+        vm.mac, topo.gateway_mac(vm), vm.ip, topo.client_ip, backend_port, sport))
 
     def received():
         for pkt in sb.client_received()[seen:]:

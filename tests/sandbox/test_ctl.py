@@ -155,17 +155,19 @@ def test_lb_show_matches_the_nb_and_sb(lab: Sandbox, topo: Topology) -> None:
 
 
 def test_groups_counters_and_trace_follow_real_packets(lab: Sandbox, topo: Topology) -> None:
-    # Drain and undrain vm1's backend first: its bucket comes back LAST, so list
-    # positions (what dump-group-stats numbers) no longer equal bucket ids.
+    # Drain and undrain vm1's backend first: its bucket comes back at its place in
+    # canonical order (ties go to the later bucket: every gateway lists ids ascending),
+    # not at the end. List positions (what dump-group-stats numbers) start at 0, bucket
+    # ids at 1: a counter filed by position instead of id shows below.
     buckets = json.loads(nb_ext(lab)["statelesslb:buckets"])
     first, *rest = [buckets[b] for b in BACKENDS]
-    for command, want in (("drain", rest), ("undrain", [*rest, first])):
+    for command, want in (("drain", sorted(rest)), ("undrain", sorted([first, *rest]))):
         run = ctl(command, LB, BACKENDS[0], *nb_db(lab))
         assert run.returncode == 0, run.stderr
         wait_until(lambda w=want: gw_buckets(lab) == w, 10, 0.05, f"buckets {want} on gw1")
 
     before = groups_of(lab)
-    assert [before[b]["position"] for b in [*rest, first]] == [0, 1, 2]
+    assert [before[b]["position"] for b in sorted([first, *rest])] == [0, 1, 2]
     for bucket_id, row in before.items():
         vm = topo.vm_by_ip(row["backend"].split(":")[0])
         assert buckets[row["backend"]] == bucket_id and row["mac"] == vm.mac

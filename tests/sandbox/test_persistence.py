@@ -9,6 +9,7 @@ from statelesslb.sandbox import agents
 from statelesslb.sandbox.core import wait_until
 from statelesslb.sandbox.traffic import (
     GROUP_BASE,
+    Conn,
     broken,
     conntrack_lines,
     create_lb,
@@ -106,14 +107,30 @@ def test_second_chance_drain_keeps_established_and_stops_new(running, topo):
 
 
 def test_second_chance_redirects_at_most_once(running, topo):
-    """A mid-stream packet nobody has state for is delivered once, not bounced around."""
-    sandbox, vip = running, "172.16.0.101"
-    ghosts = [c for c in open_connections(sandbox, topo, vip, range(46400, 46401))]
-    # A connection that never existed: same client, a port never opened.
-    from statelesslb.sandbox.traffic import Conn
-    ghost = Conn(topo.client_ip, 46999, "?")
-    arrivals = midstream(sandbox, topo, vip, [ghost, *ghosts], b"s3")
-    assert len(arrivals[(ghost.src_ip, ghost.sport)]) == 1
+    """A mid-stream packet nobody has state for goes to its previous owner once, and stops.
+
+    Its own LB, so it depends on no earlier test. The gateways now pick vm4 for the
+    flow and picked another VM before the change: vm4's chassis has no entry, asks the
+    previous set and sends the packet to that VM, which has no entry either and must
+    serve it, not send it on (again). Without second chance it would land at vm4.
+    """
+    sandbox, vip = running, "172.16.0.103"
+    gid = _lb(sandbox, topo, "lbr", vip, "second-chance")
+    _set_backends(sandbox, topo, "lbr", vip, FOUR, gid)
+    ids = lb_ids(sandbox, "lbr")[1]
+    by_id = {bid: topo.vm_by_ip(key.rsplit(":", 1)[0]).name for key, bid in ids.items()}
+    fields = installed_fields(sandbox.chassis["gw1"], gid)
+
+    def owner(sport, backends):
+        pkt = FlowTuple.make(topo.client_ip, vip, "tcp", sport, 80)
+        return by_id[predict_bucket([ids[b] for b in backends], 100, fields, pkt)]
+    # Connections that never existed, moved by the change to vm4.
+    ghosts = [Conn(topo.client_ip, s, owner(s, THREE)) for s in range(46400, 46700)
+              if owner(s, FOUR) == "vm4"][:5]
+    assert ghosts
+    arrivals = midstream(sandbox, topo, vip, ghosts, b"s3", settle=2.0)
+    assert {(g.sport, tuple(arrivals[(g.src_ip, g.sport)])) for g in ghosts} == {
+        (g.sport, (g.vm,)) for g in ghosts}
 
 
 def test_gateway_affinity_keeps_sessions_on_the_gateway(running, topo):

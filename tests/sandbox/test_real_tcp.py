@@ -237,9 +237,11 @@ def test_dgp_failover_stateless_vs_native(sandbox, real):
     assert conntrack_lines(gw1, "dst=172.16.0.106,") == []
     gid = GROUP_BASE + lb_ids(sandbox, "fo-stateless")[0]["172.16.0.106:7"]
     group_on_gw1 = our_groups(gw1)[gid]
-    # Does the standby already hold the group? (Today's agent installs gateway flows
-    # only where the DGP is resident: see docs/real-tcp.md, "failover race".)
-    preinstalled = gid in our_groups(gw2)
+    # The standby holds the very same group before anything moves (standbys are
+    # prepared ahead): nothing to install, no window for OVN's own LB flows on gw2.
+    preinstalled = our_groups(gw2, known=(gid,)).get(gid)
+    assert preinstalled == group_on_gw1, "the standby gw2 does not hold gw1's group"
+    assert list(preinstalled.buckets) == list(group_on_gw1.buckets)   # order too (ties)
 
     t0 = time.monotonic()
     sandbox.nbctl("lrp-set-gateway-chassis", topo.dgp, "gw2", "30")
@@ -263,7 +265,7 @@ def test_dgp_failover_stateless_vs_native(sandbox, real):
     time.sleep(3)
     results = {k: r.finish() for k, r in runs.items()}
     _report("failover", {
-        "group on gw2 before failover": preinstalled,
+        "group on gw2 before failover": preinstalled is not None,
         "cr port bound to gw2 after s": round(bound_at, 2),
         "same group on gw2 after s": round(group_at, 2),
         **{k: {s: {"backend": before[k][s]["backend"], "error": c["error"], "ok": c["ok"],
@@ -280,16 +282,7 @@ def test_dgp_failover_stateless_vs_native(sandbox, real):
         if c["error"] is None:
             assert any(f"sport={s}," in e and f"src={IPS[c['backend']]}," in e
                        for e in native_on_gw2), (s, native_on_gw2)
-    # Stateless: no gateway holds an entry, every connection carries on...
-    broken = {s: c["error"] for s, c in results["stateless"].items() if c["error"]}
-    if (broken or stateless_on_gw2) and not preinstalled:
-        # ...except in the failover race of today's agent: gw2 installs the group only
-        # once the DGP is bound there, and meanwhile OVN's own LB flows (ct_lb_mark,
-        # dp_hash: another bucket order) handled the first packets on gw2.
-        native_marks = [e for e in stateless_on_gw2 if "mark=" in e]
-        pytest.xfail(f"failover race: gw2 had no group before the DGP moved; {len(broken)}"
-                     f" of {len(results['stateless'])} connections broke ({broken}); "
-                     f"OVN's native LB left {len(native_marks)} entries for the VIP on gw2")
+    # Stateless: no gateway holds an entry, every connection carries on.
     assert stateless_on_gw2 == []
     for s, c in results["stateless"].items():
         assert c["error"] is None, (s, c)

@@ -244,18 +244,33 @@ def test_group_stats_are_by_position() -> None:
     assert stats[1].buckets == ((5, 300),)
 
 
+# gw1's group for basic_topo's lb0 as `ovs-ofctl -O OpenFlow15 dump-groups` printed it
+# (OVS 3.1: the same bucket bodies as docs/architecture.md's sandbox dump), written out
+# rather than rendered from the plan, so a rendering OVS prints otherwise shows here.
+# The header (selection method and fields) is held to the real switch by the round trip
+# in tests/sandbox/test_bucket_order.py.
+DUMPED_BUCKET = {
+    1: "weight:100,actions=set_field:00:00:00:00:ff:02->eth_src,"
+       "set_field:50:54:00:00:00:01->eth_dst,dec_ttl,set_field:0x2->reg15,resubmit(,37)",
+    2: "weight:100,actions=set_field:00:00:00:00:ff:02->eth_src,"
+       "set_field:50:54:00:00:00:02->eth_dst,dec_ttl,set_field:0x2->reg15,resubmit(,37)",
+}
+
+
 def test_groups_document_maps_positions_to_bucket_ids() -> None:
     _, snapshot, the_plan = gateway_state()
-    group = state_after(the_plan).groups[GID]
-    body = {bid: text for bid, text in group.buckets.items()}
-    # Installed with bucket 2 listed before bucket 1 (as after an undrain of 1).
-    dump = (f" group_id={GID},{group.header},bucket=bucket_id:2,{body[2]},"
-            f"bucket=bucket_id:1,{body[1]}\n")
+    # The default hash classes' fields, as test_predict.py checks OVS prints them.
+    header = f"type=select,selection_method=hash,{DEFAULT_HASH.fields(4, 'tcp')}"
+    # Installed with bucket 2 listed before bucket 1 (as an older agent's undrain of 1
+    # appended it): the positions map by list order, and the group is not in sync (the
+    # agent puts it back in canonical order: ties go to the later bucket).
+    dump = (f" group_id={GID},{header},bucket=bucket_id:2,{DUMPED_BUCKET[2]},"
+            f"bucket=bucket_id:1,{DUMPED_BUCKET[1]}\n")
     installed = parse_groups(dump, CONFIG.group_id_base, CONFIG.group_id_base + 0xFFFFFFF)
     stats = {GID: ctlserver.GroupStats(10, 600, ((7, 420), (3, 180)))}
     doc = ctlserver.groups_doc(snapshot, the_plan, CONFIG, installed, stats)
     (g,) = doc["groups"]
-    assert set(g) == GROUP_KEYS and g["in_sync"] and g["in_plan"]
+    assert set(g) == GROUP_KEYS and g["in_plan"] and not g["in_sync"]
     assert (g["lb"], g["vip"], g["vip_id"], g["packet_count"]) == ("lb0", "172.16.0.100:80",
                                                                    1, 10)
     assert [set(b) for b in g["buckets"]] == [BUCKET_KEYS] * 2
@@ -263,6 +278,12 @@ def test_groups_document_maps_positions_to_bucket_ids() -> None:
             for b in g["buckets"]] == [
         (2, 0, "10.0.0.12:8080", "50:54:00:00:00:02", 7),
         (1, 1, "10.0.0.11:8080", "50:54:00:00:00:01", 3)]
+    # In canonical order, what OVS prints equals the plan.
+    ordered = (f" group_id={GID},{header},bucket=bucket_id:1,{DUMPED_BUCKET[1]},"
+               f"bucket=bucket_id:2,{DUMPED_BUCKET[2]}\n")
+    doc = ctlserver.groups_doc(snapshot, the_plan, CONFIG,
+                               parse_groups(ordered, GID, GID), {})
+    assert doc["groups"][0]["in_sync"]
     # A group of ours that no LB owns any more is shown, flagged.
     stale = parse_groups(dump.replace(str(GID), str(GID + 5)), GID, GID + 10)
     doc = ctlserver.groups_doc(snapshot, the_plan, CONFIG, stale, {})
