@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import pytest
 
-from statelesslb.planner import GROUP_FIELDS
 from statelesslb.predict import FlowTuple, predict_bucket
 from statelesslb.sandbox import agents
 from statelesslb.sandbox.core import wait_until
 from statelesslb.sandbox.topology import add_backend_switch, wait_bound
 from statelesslb.sandbox.traffic import (
+    GROUP_BASE,
     broken,
     conntrack_lines,
     create_lb,
     find_arrival,
+    installed_fields,
     lb_ids,
     midstream,
     open_connections,
@@ -56,9 +57,10 @@ def _lb(sandbox, topo, name, vip, persistence, backends):
 
 def _owner_after(sandbox, topo, name, vip, conn, backends) -> str:
     """The VM the gateways pick for `conn` among `backends` (same hash as OVS)."""
-    ids = lb_ids(sandbox, name)[1]
+    vip_ids, ids = lb_ids(sandbox, name)
     live = [ids[b] for b in backends]
-    bid = predict_bucket(live, 100, GROUP_FIELDS,
+    fields = installed_fields(sandbox.chassis["gw1"], GROUP_BASE + vip_ids[f"{vip}:80"])
+    bid = predict_bucket(live, 100, fields,
                          FlowTuple.make(conn.src_ip, vip, "tcp", conn.sport, 80))
     key = next(b for b in backends if ids[b] == bid)
     return topo.vm_by_ip(key.rsplit(":", 1)[0]).name
