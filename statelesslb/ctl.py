@@ -470,10 +470,11 @@ def render_lb_show(doc: Mapping[str, Any], now: float | None = None) -> str:
         lines += ["", f"VIP {vip['vip']}  (VIP id {_cell(vip.get('vip_id'))}, "
                       f"group {_cell(vip.get('group_id'))}, {where})"]
         rows = [(b["backend"], b.get("bucket_id"), b.get("mac"), b.get("logical_port"),
-                 b.get("chassis"), b.get("drained"), b.get("in_group"))
+                 b.get("chassis"), b.get("drained"), b.get("health") or "-",
+                 b.get("in_group"))
                 for b in vip.get("backends", [])]
         lines.append(format_table(("BACKEND", "BUCKET", "MAC", "PORT", "CHASSIS", "DRAINED",
-                                   "IN GROUP HERE"), rows, indent="  "))
+                                   "HEALTH", "IN GROUP HERE"), rows, indent="  "))
     return "\n".join(lines)
 
 

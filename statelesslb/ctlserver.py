@@ -77,6 +77,7 @@ from statelesslb.planner import (
     ROLE_BACKEND,
     Plan,
     PlanConfig,
+    backend_health,
     l4_match,
     usable_binding,
     usable_datapath_key,
@@ -252,6 +253,9 @@ def lb_show_doc(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
         for key in backends:
             bucket_id = ids.bucket_ids.get(key)
             info = details.get(key, {})
+            endpoint = parse_endpoint(key)
+            health = (None if isinstance(endpoint, str) else
+                      backend_health(snapshot.sb, *endpoint, lb.protocol or "tcp"))
             rows.append({
                 "backend": key,
                 "bucket_id": bucket_id,
@@ -259,6 +263,7 @@ def lb_show_doc(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
                 "logical_port": info.get("logical_port"),
                 "chassis": info.get("chassis"),
                 "drained": key in ids.drained,
+                "health": health,
                 "in_group": (bucket_id in planned.buckets) if planned else None,
             })
         vips.append({"vip": vip_key, "vip_id": vip_id, "group_id": group_id,

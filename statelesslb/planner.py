@@ -39,6 +39,7 @@ from statelesslb.model import (
     EXT_DRAIN,
     EXT_PREVIOUS,
     EXT_VIP_IDS,
+    UNHEALTHY,
     NbLoadBalancer,
     SbPortBinding,
     SbView,
@@ -712,7 +713,8 @@ class _RecordedMapping(Mapping):
 
 def _recording_sb(sb: SbView, reads: set[object]) -> SbView:
     return SbView(_RecordedMapping(sb.datapath_keys, "datapath", reads),
-                  _RecordedMapping(sb.port_bindings, "port", reads))
+                  _RecordedMapping(sb.port_bindings, "port", reads),
+                  _RecordedMapping(getattr(sb, "service_monitors", {}), "health", reads))
 
 
 def _sb_changes(old: SbView | None, new: SbView) -> set[object] | None:
@@ -722,7 +724,8 @@ def _sb_changes(old: SbView | None, new: SbView) -> set[object] | None:
     changed: set[object] = set()
     try:
         for kind, before, after in (("datapath", old.datapath_keys, new.datapath_keys),
-                                    ("port", old.port_bindings, new.port_bindings)):
+                                    ("port", old.port_bindings, new.port_bindings),
+                                    ("health", old.service_monitors, new.service_monitors)):
             if before is not after:
                 changed.update((kind, key) for key in changed_keys(before, after))
     except Exception:
@@ -913,14 +916,28 @@ def _gateway_members(
     """
     active = ids.active.get(vip.key)
     if active is None:
-        return [(ids.bucket_ids[b.key], b) for b in vip.backends if b.key not in ids.drained]
-    by_key = {b.key: b for b in vip.backends}
-    members = []
-    for key, (bucket_id, mac, lsp) in sorted(active.items()):
-        backend = by_key.get(key) or _stand_in(key, mac, lsp, valid, sb)
-        if backend is not None:
-            members.append((bucket_id, backend))
-    return members
+        members = [(ids.bucket_ids[b.key], b) for b in vip.backends
+                   if b.key not in ids.drained]
+    else:
+        by_key = {b.key: b for b in vip.backends}
+        members = []
+        for key, (bucket_id, mac, lsp) in sorted(active.items()):
+            backend = by_key.get(key) or _stand_in(key, mac, lsp, valid, sb)
+            if backend is not None:
+                members.append((bucket_id, backend))
+    # OVN's health checks: a backend its Service_Monitor says is down leaves the group
+    # (REMOVE_BUCKET; its id stays in the NB for its return). Only its flows move.
+    return [(bid, b) for bid, b in members
+            if backend_health(sb, b.ip, b.port, valid.protocol) not in UNHEALTHY]
+
+
+def backend_health(sb: SbView, ip: IpAddress, port: int, protocol: str) -> str | None:
+    """The SB Service_Monitor status of a backend, None when it is not health-checked."""
+    monitors = getattr(sb, "service_monitors", None)
+    if not isinstance(monitors, Mapping):
+        return None
+    status = monitors.get((ip_text(ip), port, protocol))
+    return status if isinstance(status, str) else None
 
 
 def _stand_in(key: str, mac: str, lsp: str, valid: ValidLb, sb: SbView) -> ValidBackend | None:
