@@ -99,6 +99,7 @@ from statelesslb.validate import (
     validate_lb,
     vip_backend_keys,
 )
+from statelesslb.weights import SLOT_BASE, base_id
 
 if TYPE_CHECKING:
     from statelesslb.agent import Agent
@@ -166,7 +167,18 @@ class LbIds:
 
     @property
     def backend_of_bucket(self) -> dict[int, str]:
-        return {bucket_id: key for key, bucket_id in self.bucket_ids.items()}
+        return _BucketBackends({bucket_id: key for key, bucket_id in self.bucket_ids.items()})
+
+
+class _BucketBackends(dict):
+    """NB bucket id -> backend key; a weighted backend's slot ids find it too."""
+
+    def get(self, bucket_id, default=None):
+        if bucket_id in self:
+            return self[bucket_id]
+        if isinstance(bucket_id, int) and bucket_id >= SLOT_BASE:
+            return super().get(base_id(bucket_id), default)
+        return default
 
 
 def lb_ids(lb: NbLoadBalancer) -> LbIds:
@@ -279,6 +291,7 @@ def lb_show_doc(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
         "router": valid.router_name if valid else None,
         "persistence": _persistence(valid),
         "hash": _hash_doc(valid),
+        "weights": dict(valid.weights) if valid else {},
         "previous": _previous_set(lb, valid),
         "gateway_ports": _gateway_ports(snapshot, valid),
         "drain": sorted(ids.drained),

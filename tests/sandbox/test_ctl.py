@@ -13,16 +13,21 @@ from typing import Any
 
 import pytest
 
+from statelesslb.predict import FlowTuple, predict_bucket
 from statelesslb.sandbox import Sandbox, Topology, wait_until
 from statelesslb.sandbox import packets as P
 from statelesslb.sandbox.agents import start_agents, stop_agent, wait_agents_ready
 from statelesslb.sandbox.traffic import (
+    GROUP_BASE,
     OUR_COOKIES,
     create_lb,
+    installed_fields,
     lb_external_ids,
     lb_ids,
     our_flows,
+    our_groups,
 )
+from statelesslb.weights import SLOT_BASE, slot_ids
 
 pytestmark = pytest.mark.sandbox
 
@@ -394,3 +399,38 @@ def test_errors_say_what_to_do(lab: Sandbox, tmp_path) -> None:
         run = ctl(*args, "--socket", str(missing), "--db", f"unix:{missing}")
         assert run.returncode == 2, (args, run.stderr)
         assert run.stderr.startswith("statelesslb-ctl: ") and "Traceback" not in run.stderr
+
+
+def test_weights_are_slots_the_switch_and_ctl_agree_on(lab: Sandbox, topo: Topology) -> None:
+    """options:stateless_weights 1:2:4 -> 7 buckets on gw1 (slot ids B + k * 2**20);
+    statelesslb-ctl maps every slot to its backend, and its traces pick what predict
+    computes from the installed group."""
+    vip = "172.16.0.104:80"
+    create_lb(lab, "lbw", vip, list(BACKENDS), router=topo.router)
+    lab.nbctl("set", "load_balancer", "lbw", "options:stateless_weights="
+              f'"{BACKENDS[1]}=2,{BACKENDS[2]}=4"')
+    wait_until(lambda: lb_ids(lab, "lbw")[0].get(vip), 10, 0.05, "lbw's ids")
+    vip_ids, ids = lb_ids(lab, "lbw")
+    gid = GROUP_BASE + vip_ids[vip]
+    weights = dict(zip(BACKENDS, (1, 2, 4), strict=True))
+    want = sorted(s for b in BACKENDS for s in slot_ids(ids[b], weights[b]))
+    gw = lab.chassis["gw1"]
+    wait_until(lambda: sorted(our_groups(gw).get(gid, {}).buckets
+                              if gid in our_groups(gw) else []) == want,
+               10, 0.05, f"7 buckets {want} on gw1")
+    doc = ctl("groups", "lbw", "--format", "json", *sock(lab, "gw1")).json()
+    by_bucket = {b["bucket_id"]: b["backend"] for b in doc["groups"][0]["buckets"]}
+    assert by_bucket == {s: b for b in BACKENDS for s in slot_ids(ids[b], weights[b])}
+    fields = installed_fields(gw, gid)
+    seen = set()
+    for sport in range(42000, 42040):
+        got = ctl("trace", "lbw", "172.16.0.50", str(sport), "--format", "json",
+                  *sock(lab, "gw1")).json()
+        slot = predict_bucket(want, 100, fields, FlowTuple.make("172.16.0.50", vip.split(":")[0],
+                                                                 "tcp", sport, 80))
+        assert got["backend"]["bucket_id"] == slot
+        assert got["backend"]["backend"] == by_bucket[slot]
+        seen.add(slot >= SLOT_BASE)
+    assert seen == {True, False}   # slots beyond the first were picked too
+    lab.nbctl("lb-del", "lbw")
+    wait_until(lambda: gid not in our_groups(gw), 10, 0.05, "lbw's group removed")

@@ -173,8 +173,8 @@ def test_malformed_drain_entries_are_dropped_and_reported() -> None:
 # -- agent-side documents from unit snapshots -------------------------------------------
 
 LB_SHOW_KEYS = {"chassis", "uuid", "name", "protocol", "mode", "nb_status", "agent",
-                "router", "persistence", "hash", "previous", "gateway_ports", "drain",
-                "vips"}
+                "router", "persistence", "hash", "weights", "previous", "gateway_ports",
+                "drain", "vips"}
 VIP_KEYS = {"vip", "vip_id", "group_id", "group_here", "backends"}
 BACKEND_KEYS = {"backend", "bucket_id", "mac", "logical_port", "chassis", "drained",
                 "health", "in_group"}
