@@ -895,8 +895,17 @@ class Sandbox:
         through down and back up, so checking everyone after a restart is race free.
         """
         for c in self.chassis.values():
-            wait_until(c.bfd_up, timeout, 0.05, f"{c.name}: BFD sessions up",
-                       ignore=(CommandError,))
+            try:
+                wait_until(c.bfd_up, timeout, 0.05, f"{c.name}: BFD sessions up",
+                           ignore=(CommandError,))
+            except TimeoutError as exc:
+                lost = [x.name for x in self.chassis.values() if not x.underlay_intact()]
+                if lost:
+                    raise TimeoutError(
+                        f"{exc}; underlay routes flushed on {', '.join(lost)} (a Linux "
+                        "link changed: Sandbox.restore_underlay(), docs/sandbox.md)"
+                    ) from exc
+                raise
 
     def wait_gateways_settled(self, timeout: float = 30.0) -> None:
         """Wait until every chassisredirect port is bound to the highest-priority
