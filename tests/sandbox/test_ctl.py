@@ -91,6 +91,22 @@ def gw_buckets(sbx: Sandbox) -> list[int]:
     return []
 
 
+def defrag_table(sbx: Sandbox, chassis: str = "gw1") -> int:
+    """The OpenFlow table of the router's lr_in_defrag stage on a chassis, found without
+    the agent's code: an SB logical flow of that stage, then its cookie (the first 32
+    bits of its uuid) on br-int. The layout moves between OVN releases (13 in 23.03,
+    15 in 25.03)."""
+    rows = sbx.sb_rows("Logical_Flow", "external_ids:stage-name=lr_in_defrag",
+                       columns=["_uuid"])
+    for row in rows:
+        dump = sbx.chassis[chassis].ofctl("dump-flows", f"cookie=0x{row['_uuid'][:8]}/-1")
+        tables = {int(t.split(",", 1)[0]) for t in dump.split(" table=")[1:]}
+        if tables:
+            (table,) = tables
+            return table
+    raise AssertionError(f"no lr_in_defrag flow of the SB on {chassis}'s br-int")
+
+
 def groups_of(sbx: Sandbox, chassis: str = "gw1") -> dict[int, dict[str, Any]]:
     doc = ctl("groups", LB, "--format", "json", *sock(sbx, chassis)).json()
     assert len(doc["groups"]) == 1, doc
@@ -113,7 +129,7 @@ def test_status_reports_a_healthy_agent_per_chassis(lab: Sandbox) -> None:
         assert doc["connections"] == {"nb": True, "sb": True, "ovs": True}
         assert doc["flows_installed"] == doc["flows_expected"] >= 1
         assert doc["groups_installed"] == doc["groups_expected"]
-        assert doc["layout"]["lr_in_intercept"] == 13  # OVN 23.03's lr_in_defrag
+        assert doc["layout"]["lr_in_intercept"] == defrag_table(lab, name)
         assert doc["last_full_sync"] and doc["last_error"] is None
         writers.append(doc["nb_writer"])
     assert writers.count(True) == 1
@@ -179,9 +195,10 @@ def test_groups_counters_and_trace_follow_real_packets(lab: Sandbox, topo: Topol
 
     # Trace some source ports until every bucket was picked at least once.
     chosen: dict[int, dict[str, Any]] = {}
+    intercept = defrag_table(lab)
     for sport in range(41000, 41200):
         doc = trace(lab, sport)
-        assert doc["intercepted"] and doc["first_table"]["table"] == 13
+        assert doc["intercepted"] and doc["first_table"]["table"] == intercept
         # The printed scores are those of a known hash build (predict.py agrees).
         assert doc["hash_impl"] in ("murmur", "crc32")
         chosen[sport] = doc["backend"]
@@ -322,9 +339,10 @@ def test_drain_refuses_to_empty_a_vip(lab: Sandbox) -> None:
 def test_trace_through_gateway_affinity_matches_the_packet(lab: Sandbox,
                                                            topo: Topology) -> None:
     gw1 = lab.chassis["gw1"]
+    table = defrag_table(lab)
 
     def intercept_actions() -> str:
-        return gw1.ofctl("dump-flows", "table=13," + COOKIE_SPEC)
+        return gw1.ofctl("dump-flows", f"table={table}," + COOKIE_SPEC)
 
     lab.nbctl("set", "load_balancer", LB, "options:stateless_persistence=affinity")
     try:
