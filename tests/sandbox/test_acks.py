@@ -130,6 +130,8 @@ def test_the_gateways_wait_for_a_paused_backend_agent(running, topo):
     assert _acknowledged(sandbox, paused, uuid, since)
     # Moved on the acknowledgement, well before the bound.
     assert resumed < moved < since + ACK_TIMEOUT, (resumed - since, moved - since)
+    print(f"paused {resumed - since:.2f} s after phase 1; gateways moved "
+          f"{moved - resumed:.2f} s after the resumption (bound {ACK_TIMEOUT} s)")
     wait_until(lambda: lb_status(sandbox, name) == "ok", 5, 0.05, "status ok")
     # The established connections survive the move (some now hash to vm4, on the
     # chassis that was paused: it redirects them to their owners).
@@ -161,6 +163,7 @@ def test_the_wait_is_bounded_and_a_late_chassis_is_named(running, topo):
         at = time.time()
         # Not before the bound (less the polling and the NB round trip), not much after.
         assert since + ACK_TIMEOUT - 0.2 <= at < since + ACK_TIMEOUT + 3, at - since
+        print(f"kept paused: gateways moved {at - since:.2f} s after phase 1")
         assert lb_status(sandbox, name) == (
             f"ok (previous bucket set not held by {paused}: sessions there may break)")
         with open(writer_log) as log:
