@@ -35,7 +35,8 @@ from statelesslb.sandbox.traffic import (
 )
 
 THREE = ["10.0.0.11:8080", "10.0.0.12:8080", "10.0.0.13:8080"]
-LAYERS = [  # name, options:stateless_persistence (None: OVN's native LB)
+LAYERS = [  # name, options:stateless_persistence (None: OVN's native LB; "native:K=V":
+            # OVN's native LB with options:K=V, see bench/ovn25_compare.py)
     ("native", None),
     ("hash", "hash"),
     ("affinity", "affinity"),
@@ -48,10 +49,15 @@ LAYERS = [  # name, options:stateless_persistence (None: OVN's native LB)
 BATCH = 1
 
 
+def is_native(mode: str | None) -> bool:
+    return mode is None or mode.startswith("native:")
+
+
 class Bench:
-    def __init__(self, sb: Sandbox, topo, dgp2, conns: int):
+    def __init__(self, sb: Sandbox, topo, dgp2, conns: int, layers=LAYERS):
         self.sb, self.topo, self.dgp2, self.n = sb, topo, dgp2, conns
-        self.vip = {name: f"172.16.0.{110 + i}" for i, (name, _) in enumerate(LAYERS)}
+        self.layers = layers
+        self.vip = {name: f"172.16.0.{110 + i}" for i, (name, _) in enumerate(layers)}
         self.tails = {vm.name: P.PcapTail(sb.chassis[vm.chassis].pcap_path(vm.name))
                       for vm in topo.vms}
         self.next_sport = 20000
@@ -92,7 +98,7 @@ class Bench:
         t = self.topo
         mac = via_mac or t.dgp_mac
         plan = {}
-        for name, _ in LAYERS:
+        for name, _ in self.layers:
             sports = range(self.next_sport, self.next_sport + self.n)
             self.next_sport += self.n
             plan[name] = sports
@@ -141,25 +147,27 @@ class Bench:
 
     # -- LBs and changes -------------------------------------------------------------
     def create_lbs(self) -> None:
-        for name, mode in LAYERS:
+        for name, mode in self.layers:
             lb = f"lb-{name}"
             self.sb.nbctl("lb-add", lb, f"{self.vip[name]}:80", ",".join(THREE), "tcp",
                           "--", "lr-lb-add", "lr0", lb)
-            if mode:
+            if mode and mode.startswith("native:"):
+                self.sb.nbctl("set", "load_balancer", lb, f"options:{mode[7:]}")
+            elif mode:
                 self.sb.nbctl("set", "load_balancer", lb, "options:stateless_mode=mac",
                               f"options:stateless_persistence={mode}")
         self.wait_applied()
 
     def set_backends(self, backends) -> None:
-        for name, _ in LAYERS:
+        for name, _ in self.layers:
             self.sb.nbctl("set", "load_balancer", f"lb-{name}",
                           f'vips:"{self.vip[name]}:80"="{",".join(backends)}"')
         self.wait_applied()
 
     def set_drain(self, backend) -> None:
         value = f'[\\"{backend}\\"]' if backend else "[]"
-        for name, mode in LAYERS:
-            if mode:
+        for name, mode in self.layers:
+            if not is_native(mode):
                 self.sb.nbctl("set", "load_balancer", f"lb-{name}",
                               f'external_ids:"statelesslb:drain"="{value}"')
         self.wait_applied()
@@ -169,8 +177,8 @@ class Bench:
         self.sb.wait_flows_installed(30)
 
         def groups_match():
-            for name, mode in LAYERS:
-                if not mode:
+            for name, mode in self.layers:
+                if is_native(mode):
                     continue
                 ext = lb_external_ids(self.sb, f"lb-{name}")
                 vip_ids = parse_id_map(ext.get(EXT_VIP_IDS)) or {}
@@ -204,7 +212,7 @@ def fraction(part: int, whole: int) -> str:
     return f"{part}/{whole} ({100.0 * part / whole:.1f}%)" if whole else "-"
 
 
-def run_changes(b: Bench) -> None:
+def run_changes(b: Bench, skip: tuple[str, ...] = ()) -> None:
     four = THREE + ["10.0.0.14:8080"]
     scenarios = [
         ("add a backend", lambda: b.set_backends(four), lambda: b.set_backends(THREE), None),
@@ -218,7 +226,9 @@ def run_changes(b: Bench) -> None:
         # back, and the native LB's state must be where the DGP is for the others.
         ("DGP failover gw1->gw2", lambda: b.failover(True), lambda: b.failover(False), None),
     ]
-    header = f"{'change':24}" + "".join(f"{name:>16}" for name, _ in LAYERS)
+    scenarios = [sc for sc in scenarios if sc[0] not in skip]
+    width = max(16, *(len(name) + 2 for name, _ in b.layers))
+    header = f"{'change':24}" + "".join(f"{name:>{width}}" for name, _ in b.layers)
     print("\nbroken established connections (mid-stream packet not at its own backend):")
     print(header)
     collateral_row = None
@@ -229,22 +239,23 @@ def run_changes(b: Bench) -> None:
         got = b.midstream(owners, f"m{i}-".encode(), via_mac=via)
         cells = []
         collateral = []
-        for name, mode in LAYERS:
+        for name, mode in b.layers:
             own = owners[name]
-            if label.startswith("drain") and mode is None:
+            if label.startswith("drain") and is_native(mode):
                 cells.append("n/a")
                 continue
             bad = [s for s, vm in own.items() if got.get(s) != [vm]]
             cells.append(fraction(len(bad), len(own)))
             if label.startswith("remove"):
                 collateral.append(sum(1 for s in bad if own[s] != "vm2"))
-        print(f"{label:24}" + "".join(f"{c:>16}" for c in cells)
+        print(f"{label:24}" + "".join(f"{c:>{width}}" for c in cells)
               + f"   (native entries on gw1/gw2 before: {native_ct})", flush=True)
         if collateral:
             collateral_row = collateral
         revert()
     if collateral_row is not None:
-        print(f"{'  collateral on removal':24}" + "".join(f"{c:>16}" for c in collateral_row))
+        print(f"{'  collateral on removal':24}"
+              + "".join(f"{c:>{width}}" for c in collateral_row))
         print("  (collateral: connections NOT on the removed backend that broke anyway)")
 
 
@@ -272,8 +283,8 @@ def run_cost(b: Bench, n: int) -> None:
     t = b.topo
     gw = b.sb.chassis["gw1"]
     print(f"\ngateway cost of {n} connections (SYN + ACK each) through gw1:")
-    print(f"{'layer':16}{'conntrack gw1/gw2':>20}{'gw1 datapath flows':>20}")
-    for name, _ in LAYERS:
+    print(f"{'layer':22}{'conntrack gw1/gw2':>20}{'gw1 datapath flows':>20}")
+    for name, _ in b.layers:
         for g in ("gw1", "gw2"):
             b.sb.chassis[g].appctl("dpctl/flush-conntrack")
         gw.appctl("revalidator/purge")
@@ -286,7 +297,7 @@ def run_cost(b: Bench, n: int) -> None:
         b.client_send(pkts)
         time.sleep(0.5)
         flows = len([x for x in gw.dump_dp_flows().splitlines() if x.strip()])
-        print(f"{name:16}{gateway_ct(b, b.vip[name]):>20}{flows:>20}", flush=True)
+        print(f"{name:22}{gateway_ct(b, b.vip[name]):>20}{flows:>20}", flush=True)
 
 
 def main() -> None:

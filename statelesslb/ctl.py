@@ -462,6 +462,9 @@ def render_lb_show(doc: Mapping[str, Any], now: float | None = None) -> str:
     fields = [("NB status", _cell(doc.get("nb_status"))), (f"on {chassis}", here),
               ("persistence", _persistence_text(doc, now)),
               ("hash", _hash_text(doc.get("hash"))),
+              *([("weights", ", ".join(f"{k}={w}" for k, w in doc["weights"].items())
+                               + " (others 1; a weight is that many buckets)")]
+                if doc.get("weights") else []),
               ("gateway ports", ", ".join(ports) or "-"), ("drained", _cell(doc.get("drain")))]
     width = max(len(k) for k, _ in fields) + 1
     lines += [f"  {(k + ':').ljust(width)} {v}" for k, v in fields]
@@ -470,10 +473,11 @@ def render_lb_show(doc: Mapping[str, Any], now: float | None = None) -> str:
         lines += ["", f"VIP {vip['vip']}  (VIP id {_cell(vip.get('vip_id'))}, "
                       f"group {_cell(vip.get('group_id'))}, {where})"]
         rows = [(b["backend"], b.get("bucket_id"), b.get("mac"), b.get("logical_port"),
-                 b.get("chassis"), b.get("drained"), b.get("in_group"))
+                 b.get("chassis"), b.get("drained"), b.get("health") or "-",
+                 b.get("in_group"))
                 for b in vip.get("backends", [])]
         lines.append(format_table(("BACKEND", "BUCKET", "MAC", "PORT", "CHASSIS", "DRAINED",
-                                   "IN GROUP HERE"), rows, indent="  "))
+                                   "HEALTH", "IN GROUP HERE"), rows, indent="  "))
     return "\n".join(lines)
 
 

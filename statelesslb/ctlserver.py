@@ -77,6 +77,7 @@ from statelesslb.planner import (
     ROLE_BACKEND,
     Plan,
     PlanConfig,
+    backend_health,
     l4_match,
     usable_binding,
     usable_datapath_key,
@@ -98,6 +99,7 @@ from statelesslb.validate import (
     validate_lb,
     vip_backend_keys,
 )
+from statelesslb.weights import SLOT_BASE, base_id
 
 if TYPE_CHECKING:
     from statelesslb.agent import Agent
@@ -165,7 +167,18 @@ class LbIds:
 
     @property
     def backend_of_bucket(self) -> dict[int, str]:
-        return {bucket_id: key for key, bucket_id in self.bucket_ids.items()}
+        return _BucketBackends({bucket_id: key for key, bucket_id in self.bucket_ids.items()})
+
+
+class _BucketBackends(dict):
+    """NB bucket id -> backend key; a weighted backend's slot ids find it too."""
+
+    def get(self, bucket_id, default=None):
+        if bucket_id in self:
+            return self[bucket_id]
+        if isinstance(bucket_id, int) and bucket_id >= SLOT_BASE:
+            return super().get(base_id(bucket_id), default)
+        return default
 
 
 def lb_ids(lb: NbLoadBalancer) -> LbIds:
@@ -252,6 +265,9 @@ def lb_show_doc(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
         for key in backends:
             bucket_id = ids.bucket_ids.get(key)
             info = details.get(key, {})
+            endpoint = parse_endpoint(key)
+            health = (None if isinstance(endpoint, str) else
+                      backend_health(snapshot.sb, *endpoint, lb.protocol or "tcp"))
             rows.append({
                 "backend": key,
                 "bucket_id": bucket_id,
@@ -259,6 +275,7 @@ def lb_show_doc(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
                 "logical_port": info.get("logical_port"),
                 "chassis": info.get("chassis"),
                 "drained": key in ids.drained,
+                "health": health,
                 "in_group": (bucket_id in planned.buckets) if planned else None,
             })
         vips.append({"vip": vip_key, "vip_id": vip_id, "group_id": group_id,
@@ -274,6 +291,7 @@ def lb_show_doc(snapshot: Snapshot, plan: Plan | None, config: PlanConfig,
         "router": valid.router_name if valid else None,
         "persistence": _persistence(valid),
         "hash": _hash_doc(valid),
+        "weights": dict(valid.weights) if valid else {},
         "previous": _previous_set(lb, valid),
         "gateway_ports": _gateway_ports(snapshot, valid),
         "drain": sorted(ids.drained),

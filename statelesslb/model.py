@@ -101,11 +101,18 @@ class SbPortBinding:
     chassis: str | None               # Chassis.name where bound, None if unbound
 
 
+# SB Service_Monitor.status values that take a backend out of the gateways' groups.
+UNHEALTHY = frozenset({"offline", "error"})
+
+
 @dataclass(frozen=True)
 class SbView:
     # NB Logical_Router / Logical_Switch uuid -> SB Datapath_Binding tunnel_key
     datapath_keys: Mapping[str, int]
     port_bindings: Mapping[str, SbPortBinding]     # by logical_port
+    # OVN's health checks: (backend IP as ip_text() writes it, port, protocol) -> the
+    # SB Service_Monitor status ovn-controller probed ("online", "offline", "error").
+    service_monitors: Mapping[tuple[str, int, str], str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -127,20 +127,26 @@ class Ofctl:
         the sandbox). With such a group `dump-group-stats` silently lists only part
         of the groups (also checked), hence `known`: the ids we planned or installed.
         """
+        out: dict[int, InstalledGroup] = {}
+        for dump in self.group_dumps(id_min, id_max, known).values():
+            out.update(parse_groups(dump, id_min, id_max))
+        return out
+
+    def group_dumps(self, id_min: int, id_max: int,
+                    known: Iterable[int] = ()) -> dict[int, str]:
+        """Group id -> its own `dump-groups` text, for the ids groups() reads."""
         try:
             listed = self.group_ids()
         except OfctlError:
             listed = set()
-        out: dict[int, InstalledGroup] = {}
+        out: dict[int, str] = {}
         for gid in sorted(listed | set(known)):
             if id_min <= gid <= id_max:
                 try:
-                    dump = self.run("dump-groups", str(gid))
+                    out[gid] = self.run("dump-groups", str(gid))
                 except OfctlError as exc:
-                    if "UNKNOWN_GROUP" in str(exc):
-                        continue
-                    raise
-                out.update(parse_groups(dump, id_min, id_max))
+                    if "UNKNOWN_GROUP" not in str(exc):
+                        raise
         return out
 
     def group_stats(self) -> str:

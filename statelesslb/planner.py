@@ -39,6 +39,7 @@ from statelesslb.model import (
     EXT_DRAIN,
     EXT_PREVIOUS,
     EXT_VIP_IDS,
+    UNHEALTHY,
     NbLoadBalancer,
     SbPortBinding,
     SbView,
@@ -74,6 +75,7 @@ from statelesslb.validate import (
     show,
     topology_deps,
 )
+from statelesslb.weights import SLOT_BASE, slot_ids
 
 # The full 5-tuple (options:stateless_hash=5-tuple); an LB's own fields come from
 # ValidLb.group_fields(). Fields whose prerequisites fail (udp_* on TCP, ipv6_* on
@@ -712,7 +714,8 @@ class _RecordedMapping(Mapping):
 
 def _recording_sb(sb: SbView, reads: set[object]) -> SbView:
     return SbView(_RecordedMapping(sb.datapath_keys, "datapath", reads),
-                  _RecordedMapping(sb.port_bindings, "port", reads))
+                  _RecordedMapping(sb.port_bindings, "port", reads),
+                  _RecordedMapping(getattr(sb, "service_monitors", {}), "health", reads))
 
 
 def _sb_changes(old: SbView | None, new: SbView) -> set[object] | None:
@@ -722,7 +725,8 @@ def _sb_changes(old: SbView | None, new: SbView) -> set[object] | None:
     changed: set[object] = set()
     try:
         for kind, before, after in (("datapath", old.datapath_keys, new.datapath_keys),
-                                    ("port", old.port_bindings, new.port_bindings)):
+                                    ("port", old.port_bindings, new.port_bindings),
+                                    ("health", old.service_monitors, new.service_monitors)):
             if before is not after:
                 changed.update((kind, key) for key in changed_keys(before, after))
     except Exception:
@@ -781,6 +785,10 @@ def _read_ids(lb: NbLoadBalancer, valid: ValidLb, now: float) -> _Ids | LbPlanSt
             return LbPlanStatus(
                 name, STATE_ERROR,
                 f"bucket id {bucket_ids[key]} of {key} is above {MAX_BUCKET_ID:#x}")
+    if valid.weights and any(is_plain_int(b) and b >= SLOT_BASE for b in bucket_ids.values()):
+        # Slot k of bucket B is B + k * 2**20: NB ids must stay below that to stay apart.
+        return LbPlanStatus(name, STATE_ERROR,
+                            f"options:stateless_weights needs bucket ids below {SLOT_BASE}")
     own_vip_ids = [vip_ids[k] for k in valid.vip_keys]
     own_bucket_ids = [bucket_ids[k] for k in valid.backend_keys]
     if (len(set(own_vip_ids)) != len(own_vip_ids)
@@ -913,14 +921,30 @@ def _gateway_members(
     """
     active = ids.active.get(vip.key)
     if active is None:
-        return [(ids.bucket_ids[b.key], b) for b in vip.backends if b.key not in ids.drained]
-    by_key = {b.key: b for b in vip.backends}
-    members = []
-    for key, (bucket_id, mac, lsp) in sorted(active.items()):
-        backend = by_key.get(key) or _stand_in(key, mac, lsp, valid, sb)
-        if backend is not None:
-            members.append((bucket_id, backend))
-    return members
+        members = [(ids.bucket_ids[b.key], b) for b in vip.backends
+                   if b.key not in ids.drained]
+    else:
+        by_key = {b.key: b for b in vip.backends}
+        members = []
+        for key, (bucket_id, mac, lsp) in sorted(active.items()):
+            backend = by_key.get(key) or _stand_in(key, mac, lsp, valid, sb)
+            if backend is not None:
+                members.append((bucket_id, backend))
+    # OVN's health checks: a backend its Service_Monitor says is down leaves the group
+    # (REMOVE_BUCKET; its id stays in the NB for its return). Only its flows move.
+    # A backend of weight W has W buckets (slots), its NB id first.
+    return [(slot, b) for bid, b in members
+            if backend_health(sb, b.ip, b.port, valid.protocol) not in UNHEALTHY
+            for slot in slot_ids(bid, valid.weight(b.key))]
+
+
+def backend_health(sb: SbView, ip: IpAddress, port: int, protocol: str) -> str | None:
+    """The SB Service_Monitor status of a backend, None when it is not health-checked."""
+    monitors = getattr(sb, "service_monitors", None)
+    if not isinstance(monitors, Mapping):
+        return None
+    status = monitors.get((ip_text(ip), port, protocol))
+    return status if isinstance(status, str) else None
 
 
 def _stand_in(key: str, mac: str, lsp: str, valid: ValidLb, sb: SbView) -> ValidBackend | None:
@@ -958,7 +982,8 @@ def _plan_affinity(
                 f"tp_dst={dec_int(vip.port, 0xFFFF)}")
     zone = f"zone={dec_int(config.gateway_zone, 0xFFFF)}"
     # Sticky: every backend still listed (drained ones too) and every group member.
-    sticky = {ids.bucket_ids[b.key]: b for b in vip.backends}
+    sticky = {slot: b for b in vip.backends
+              for slot in slot_ids(ids.bucket_ids[b.key], valid.weight(b.key))}
     sticky.update(dict(members))
     for bid, backend in sorted(sticky.items()):
         if backend.router_port_name not in rp_keys:
@@ -1124,19 +1149,22 @@ def _previous_group(
     buckets = {}
     targets: set[int] = set()
     redirect = f"resubmit(,{dec_int(config.redirect_table, MAX_TABLE)})"
-    for _key, (bid, mac, lsp) in sorted(previous.items()):
+    for key, (nb_bid, mac, lsp) in sorted(previous.items()):
         canonical_mac = parse_mac(mac)
         binding = usable_binding(sb, lsp)
+        # The slots as the gateways had them (weights as they are now).
+        slots = slot_ids(nb_bid, valid.weight(key))
         if (canonical_mac is None or binding is None
                 or not 0 < binding.datapath_key <= 0xFFFFFFFF):
             # Unknown now: no state to find anywhere, so serve it here.
-            buckets[bid] = redirect
+            actions = redirect
         else:
             targets.add(binding.datapath_key)
-            buckets[bid] = (f"set_field:{canonical_mac}->eth_dst,"
-                            f"set_field:{hex_int(binding.datapath_key)}->metadata,"
-                            "set_field:0->reg14,"
-                            f"set_field:{hex_int(binding.tunnel_key)}->reg15,{redirect}")
+            actions = (f"set_field:{canonical_mac}->eth_dst,"
+                       f"set_field:{hex_int(binding.datapath_key)}->metadata,"
+                       "set_field:0->reg14,"
+                       f"set_field:{hex_int(binding.tunnel_key)}->reg15,{redirect}")
+        buckets.update(dict.fromkeys(slots, actions))
     return (GroupSpec(config.previous_group_base + ids.vip_ids[vip.key],
                       valid.group_fields(vip), buckets), targets)
 

@@ -32,6 +32,7 @@ from statelesslb.model import (
     NbView,
 )
 from statelesslb.ofstrings import IpAddress, endpoint_text
+from statelesslb.weights import WEIGHTS_OPTION, WeightOptionError, parse_weights
 
 SUPPORTED_PROTOCOLS = ("tcp", "udp")
 PERSISTENCE_LAYERS = frozenset({"hash", "affinity", "second-chance"})
@@ -94,6 +95,15 @@ class ValidLb:
     second_chance: bool = True       # backends' chassis forward to the previous owner
     window: int = DEFAULT_WINDOW     # seconds the previous bucket set stays in force
     hash: HashClasses = DEFAULT_HASH  # which header bits the groups hash
+    # (backend key, weight) of the backends not weighing 1 (options:stateless_weights),
+    # sorted: a tuple keeps ValidLb hashable.
+    weights: tuple[tuple[str, int], ...] = ()
+
+    def weight(self, backend_key: str) -> int:
+        for key, weight in self.weights:
+            if key == backend_key:
+                return weight
+        return 1
 
     def group_fields(self, vip: ValidVip) -> str:
         """The `fields(...)` of the VIP's groups, gateways' and backends' alike."""
@@ -654,10 +664,33 @@ def _validate(
     affinity, second_chance, window = parse_persistence(lb.options)
     try:
         hash_classes = parse_hash(lb.options)
-    except HashOptionError as exc:
+        weights = parse_weights(lb.options, _weight_key)
+    except (HashOptionError, WeightOptionError) as exc:
         raise _Invalid(str(exc)) from None
+    _check_weights(weights, valid_vips)
     return ValidLb(uuid, name, protocol, _as_str(router.uuid), router_name, dgps, valid_vips,
-                   affinity, second_chance, window, hash_classes)
+                   affinity, second_chance, window, hash_classes, tuple(sorted(weights.items())))
+
+
+def _weight_key(text: str) -> str:
+    parsed = parse_endpoint(text)
+    if isinstance(parsed, str):
+        raise ValueError(f"{show(text)} {parsed}")
+    return endpoint_key(*parsed)
+
+
+def _check_weights(weights: Mapping[str, int], vips: Iterable[ValidVip]) -> None:
+    """Every weighted backend is one of the LB's; no VIP needs more buckets than fit."""
+    keys = {b.key for vip in vips for b in vip.backends}
+    unknown = sorted(set(weights) - keys)
+    if unknown:
+        raise _Invalid(f"options:{WEIGHTS_OPTION} names {', '.join(unknown[:3])}, not a "
+                       "backend of this load balancer")
+    for vip in vips:
+        slots = sum(weights.get(b.key, 1) for b in vip.backends)
+        if slots > MAX_BACKENDS_PER_VIP:
+            raise _Invalid(f"VIP {vip.key}: weights add up to {slots} buckets; at most "
+                           f"{MAX_BACKENDS_PER_VIP} fit in one group")
 
 
 def _check_protocol(protocol: object) -> str:

@@ -21,6 +21,8 @@ from ovs.db import idl as ovs_idl
 from ovsdbapp.backend.ovs_idl import connection, event, idlutils
 
 from statelesslb import model
+from statelesslb.ofstrings import ip_text, is_plain_int
+from statelesslb.validate import parse_ip
 
 LOG = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ NB_TABLES = (
     "HA_Chassis",
 )
 # Chassis_Private: where each agent acknowledges the previous bucket sets it holds.
-SB_TABLES = ("Chassis", "Chassis_Private", "Datapath_Binding", "Port_Binding")
+SB_TABLES = ("Chassis", "Chassis_Private", "Datapath_Binding", "Port_Binding",
+             "Service_Monitor")
 # SB tables the SbView is built from (acknowledgements are read on their own).
 _SB_VIEW_TABLES = frozenset(SB_TABLES) - {"Chassis_Private"}
 # NB tables the LB-independent part of the view (routers, ports, switches) comes from.
@@ -333,7 +336,26 @@ def _sb_view(watcher: Watcher) -> model.SbView:
             datapath_key=datapath.tunnel_key if datapath is not None else 0,
             chassis=chassis.name if chassis is not None else None,
         )
-    return model.SbView(datapath_keys, port_bindings)
+    return model.SbView(datapath_keys, port_bindings, _service_monitors(watcher))
+
+
+def _service_monitors(watcher: Watcher) -> dict[tuple[str, int, str], str]:
+    """OVN's health check results, by backend; rows that are not an LB backend's
+    probe, or are malformed, are left out (that backend counts as unchecked)."""
+    out = {}
+    for row in watcher.rows("Service_Monitor"):
+        kind = _opt(getattr(row, "type", None))   # 24.09+: load-balancer / network-function
+        if kind not in (None, "", "load-balancer"):
+            continue
+        ip = parse_ip(row.ip)
+        port = row.port
+        protocol = _opt(row.protocol) or "tcp"
+        status = _opt(row.status) or ""
+        if ip is None or not is_plain_int(port) or not 0 < port <= 0xFFFF \
+                or protocol not in ("tcp", "udp") or not isinstance(status, str):
+            continue
+        out[(ip_text(ip), port, protocol)] = status
+    return out
 
 
 class SbReader:

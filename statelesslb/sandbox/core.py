@@ -387,6 +387,7 @@ class Chassis:
         last = int(encap_ip.rsplit(".", 1)[1])
         self.phys_mac = f"0a:00:c0:a8:00:{last:02x}"
         self._pcaps: dict[str, str] = {}
+        self._underlay_routes: set[str] = set()
 
     # paths
     @property
@@ -537,6 +538,23 @@ class Chassis:
         for peer in self.sandbox.chassis.values():
             if peer is not self:
                 self.appctl("tnl/neigh/set", "br-phys", peer.encap_ip, peer.phys_mac)
+        self._underlay_routes = self._br_phys_routes()
+
+    def _br_phys_routes(self) -> set[str]:
+        return {line.split(":", 1)[-1].strip()
+                for line in self.appctl("ovs/route/show").splitlines()
+                if "dev br-phys" in line}
+
+    def underlay_intact(self) -> bool:
+        """Are the underlay routes that _configure_runtime() left still there?
+
+        OVS 3.5's `netdev-dummy/ip4addr` adds a route marked "local" that no command can
+        add back, and a tunnel whose local_ip (set by OVN 25.03) has no local route sends
+        nothing. ovs-vswitchd flushes such routes whenever a Linux link changes on the
+        machine (the netns mode's veths): then BFD stays down for good. (OVS 3.1 makes no
+        such route and needs none: nothing to lose there.)
+        """
+        return self._underlay_routes <= self._br_phys_routes()
 
     def _db_setup_args(self) -> list[str]:
         sbx = self.sandbox
@@ -877,8 +895,17 @@ class Sandbox:
         through down and back up, so checking everyone after a restart is race free.
         """
         for c in self.chassis.values():
-            wait_until(c.bfd_up, timeout, 0.05, f"{c.name}: BFD sessions up",
-                       ignore=(CommandError,))
+            try:
+                wait_until(c.bfd_up, timeout, 0.05, f"{c.name}: BFD sessions up",
+                           ignore=(CommandError,))
+            except TimeoutError as exc:
+                lost = [x.name for x in self.chassis.values() if not x.underlay_intact()]
+                if lost:
+                    raise TimeoutError(
+                        f"{exc}; underlay routes flushed on {', '.join(lost)} (a Linux "
+                        "link changed: Sandbox.restore_underlay(), docs/sandbox.md)"
+                    ) from exc
+                raise
 
     def wait_gateways_settled(self, timeout: float = 30.0) -> None:
         """Wait until every chassisredirect port is bound to the highest-priority
@@ -1231,6 +1258,23 @@ class Sandbox:
         self.net_vsctl(*args)
         self.start_daemon("net/ovs-vswitchd", self.bin.vswitchd, net, self.net_db,
                           self.enable_dummy_arg, "-vvconn:warn")
+
+    def restore_underlay(self, quiet: float = 0.3, timeout: float = 10.0) -> None:
+        """After a Linux link change (a veth of the netns mode): re-apply the underlay
+        state ovs-vswitchd flushed (Chassis.underlay_intact); returns once every chassis'
+        stayed intact for `quiet` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            time.sleep(quiet)  # ovs-vswitchd handles link notifications in its main loop
+            broken = [c for c in self.chassis.values() if not c.underlay_intact()]
+            if not broken:
+                return
+            if time.monotonic() > deadline:
+                raise SandboxError("underlay routes keep disappearing on "
+                                   + ", ".join(c.name for c in broken))
+            for c in broken:
+                LOG.info("%s: underlay routes flushed by ovs-vswitchd, re-applying", c.name)
+                c._configure_runtime()
 
     def down(self, timeout: float = 5.0) -> list[str]:
         """Stop every recorded process that still runs; return their names.

@@ -264,6 +264,7 @@ class NetnsLab:
                 raise SandboxError(f"OVS cannot open {host.link}: {error}")
             return isinstance(ofport, int) and ofport > 0
         wait_until(opened, 10, 0.05, f"OVS port {host.link} opened", ignore=(CommandError,))
+        self.sb.restore_underlay()  # the new veth may have flushed OVS 3.5's routes
 
     def add_client(self, topo: Topology) -> Host:
         host = Host("client", self.ns_name("client"), self.link_name("client"),

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from statelesslb.model import EXT_BUCKETS, EXT_STATUS, EXT_VIP_IDS
-from statelesslb.openflow import COOKIE_MASK, InstalledGroup, Ofctl, OfctlError, parse_groups
+from statelesslb.openflow import COOKIE_MASK, InstalledGroup, Ofctl, parse_groups
 from statelesslb.sandbox import packets as P
 from statelesslb.sandbox.core import Chassis, Sandbox, parse_ctl_json, wait_until
 from statelesslb.sandbox.ovsread import cross_check, read_groups
@@ -69,15 +69,7 @@ def our_groups(chassis: Chassis, previous: bool = False,
     top = GROUP_BASE + (0x1FFFFFFF if previous else 0x0FFFFFFF)
     ofctl = Ofctl(chassis.br_int, chassis.sandbox.bin["ovs-ofctl"])
     out: dict[int, InstalledGroup] = {}
-    for gid in sorted(ofctl.group_ids() | set(known)):
-        if not GROUP_BASE <= gid <= top:
-            continue
-        try:
-            dump = ofctl.run("dump-groups", str(gid))
-        except OfctlError as exc:
-            if "UNKNOWN_GROUP" in str(exc):
-                continue
-            raise
+    for gid, dump in ofctl.group_dumps(GROUP_BASE, top, known).items():
         product = parse_groups(dump, GROUP_BASE, top)
         independent = read_groups(dump)
         # An empty dump (a group gone meanwhile, or one above 64 KiB: OVS 3.1 sends

@@ -13,16 +13,21 @@ from typing import Any
 
 import pytest
 
+from statelesslb.predict import FlowTuple, predict_bucket
 from statelesslb.sandbox import Sandbox, Topology, wait_until
 from statelesslb.sandbox import packets as P
 from statelesslb.sandbox.agents import start_agents, stop_agent, wait_agents_ready
 from statelesslb.sandbox.traffic import (
+    GROUP_BASE,
     OUR_COOKIES,
     create_lb,
+    installed_fields,
     lb_external_ids,
     lb_ids,
     our_flows,
+    our_groups,
 )
+from statelesslb.weights import SLOT_BASE, slot_ids
 
 pytestmark = pytest.mark.sandbox
 
@@ -86,6 +91,22 @@ def gw_buckets(sbx: Sandbox) -> list[int]:
     return []
 
 
+def defrag_table(sbx: Sandbox, chassis: str = "gw1") -> int:
+    """The OpenFlow table of the router's lr_in_defrag stage on a chassis, found without
+    the agent's code: an SB logical flow of that stage, then its cookie (the first 32
+    bits of its uuid) on br-int. The layout moves between OVN releases (13 in 23.03,
+    15 in 25.03)."""
+    rows = sbx.sb_rows("Logical_Flow", "external_ids:stage-name=lr_in_defrag",
+                       columns=["_uuid"])
+    for row in rows:
+        dump = sbx.chassis[chassis].ofctl("dump-flows", f"cookie=0x{row['_uuid'][:8]}/-1")
+        tables = {int(t.split(",", 1)[0]) for t in dump.split(" table=")[1:]}
+        if tables:
+            (table,) = tables
+            return table
+    raise AssertionError(f"no lr_in_defrag flow of the SB on {chassis}'s br-int")
+
+
 def groups_of(sbx: Sandbox, chassis: str = "gw1") -> dict[int, dict[str, Any]]:
     doc = ctl("groups", LB, "--format", "json", *sock(sbx, chassis)).json()
     assert len(doc["groups"]) == 1, doc
@@ -108,7 +129,7 @@ def test_status_reports_a_healthy_agent_per_chassis(lab: Sandbox) -> None:
         assert doc["connections"] == {"nb": True, "sb": True, "ovs": True}
         assert doc["flows_installed"] == doc["flows_expected"] >= 1
         assert doc["groups_installed"] == doc["groups_expected"]
-        assert doc["layout"]["lr_in_intercept"] == 13  # OVN 23.03's lr_in_defrag
+        assert doc["layout"]["lr_in_intercept"] == defrag_table(lab, name)
         assert doc["last_full_sync"] and doc["last_error"] is None
         writers.append(doc["nb_writer"])
     assert writers.count(True) == 1
@@ -174,9 +195,10 @@ def test_groups_counters_and_trace_follow_real_packets(lab: Sandbox, topo: Topol
 
     # Trace some source ports until every bucket was picked at least once.
     chosen: dict[int, dict[str, Any]] = {}
+    intercept = defrag_table(lab)
     for sport in range(41000, 41200):
         doc = trace(lab, sport)
-        assert doc["intercepted"] and doc["first_table"]["table"] == 13
+        assert doc["intercepted"] and doc["first_table"]["table"] == intercept
         # The printed scores are those of a known hash build (predict.py agrees).
         assert doc["hash_impl"] in ("murmur", "crc32")
         chosen[sport] = doc["backend"]
@@ -317,9 +339,10 @@ def test_drain_refuses_to_empty_a_vip(lab: Sandbox) -> None:
 def test_trace_through_gateway_affinity_matches_the_packet(lab: Sandbox,
                                                            topo: Topology) -> None:
     gw1 = lab.chassis["gw1"]
+    table = defrag_table(lab)
 
     def intercept_actions() -> str:
-        return gw1.ofctl("dump-flows", "table=13," + COOKIE_SPEC)
+        return gw1.ofctl("dump-flows", f"table={table}," + COOKIE_SPEC)
 
     lab.nbctl("set", "load_balancer", LB, "options:stateless_persistence=affinity")
     try:
@@ -394,3 +417,38 @@ def test_errors_say_what_to_do(lab: Sandbox, tmp_path) -> None:
         run = ctl(*args, "--socket", str(missing), "--db", f"unix:{missing}")
         assert run.returncode == 2, (args, run.stderr)
         assert run.stderr.startswith("statelesslb-ctl: ") and "Traceback" not in run.stderr
+
+
+def test_weights_are_slots_the_switch_and_ctl_agree_on(lab: Sandbox, topo: Topology) -> None:
+    """options:stateless_weights 1:2:4 -> 7 buckets on gw1 (slot ids B + k * 2**20);
+    statelesslb-ctl maps every slot to its backend, and its traces pick what predict
+    computes from the installed group."""
+    vip = "172.16.0.104:80"
+    create_lb(lab, "lbw", vip, list(BACKENDS), router=topo.router)
+    lab.nbctl("set", "load_balancer", "lbw", "options:stateless_weights="
+              f'"{BACKENDS[1]}=2,{BACKENDS[2]}=4"')
+    wait_until(lambda: lb_ids(lab, "lbw")[0].get(vip), 10, 0.05, "lbw's ids")
+    vip_ids, ids = lb_ids(lab, "lbw")
+    gid = GROUP_BASE + vip_ids[vip]
+    weights = dict(zip(BACKENDS, (1, 2, 4), strict=True))
+    want = sorted(s for b in BACKENDS for s in slot_ids(ids[b], weights[b]))
+    gw = lab.chassis["gw1"]
+    wait_until(lambda: sorted(our_groups(gw).get(gid, {}).buckets
+                              if gid in our_groups(gw) else []) == want,
+               10, 0.05, f"7 buckets {want} on gw1")
+    doc = ctl("groups", "lbw", "--format", "json", *sock(lab, "gw1")).json()
+    by_bucket = {b["bucket_id"]: b["backend"] for b in doc["groups"][0]["buckets"]}
+    assert by_bucket == {s: b for b in BACKENDS for s in slot_ids(ids[b], weights[b])}
+    fields = installed_fields(gw, gid)
+    seen = set()
+    for sport in range(42000, 42040):
+        got = ctl("trace", "lbw", "172.16.0.50", str(sport), "--format", "json",
+                  *sock(lab, "gw1")).json()
+        slot = predict_bucket(want, 100, fields, FlowTuple.make("172.16.0.50", vip.split(":")[0],
+                                                                 "tcp", sport, 80))
+        assert got["backend"]["bucket_id"] == slot
+        assert got["backend"]["backend"] == by_bucket[slot]
+        seen.add(slot >= SLOT_BASE)
+    assert seen == {True, False}   # slots beyond the first were picked too
+    lab.nbctl("lb-del", "lbw")
+    wait_until(lambda: gid not in our_groups(gw), 10, 0.05, "lbw's group removed")

@@ -342,3 +342,64 @@ def test_down_removes_only_its_own_namespaces(sandbox_run_dir):
         assert Sandbox.load(sandbox_run_dir).down() == []  # idempotent
     finally:
         netns.remove(decoy)
+
+
+def test_health_checks_take_a_dead_backend_out_and_bring_it_back(sandbox: Sandbox, real
+                                                                 ) -> None:
+    """OVN's own health checks (ovn-controller probes each backend from its chassis): a
+    backend whose HTTP server stops leaves both gateways' groups (REMOVE_BUCKET), curl
+    through the VIP keeps being answered, and the bucket comes back with its old id when
+    the server does. Prints the time from the stop to the bucket gone everywhere."""
+    topo, lab = real
+    vip_ip = "172.16.0.120"
+    gid = _lb(sandbox, topo, "hc", f"{vip_ip}:80", [f"{IPS[v]}:8080" for v in VMS])
+    uuid = sandbox.nbctl("--bare", "--columns=_uuid", "find", "load_balancer",
+                         "name=hc").strip()
+    sandbox.nbctl("--id=@hc", "create", "Load_Balancer_Health_Check",
+                  f'vip="{vip_ip}:80"', "options:interval=1", "options:timeout=1",
+                  "options:failure_count=2", "options:success_count=1",
+                  "--", "add", "Load_Balancer", uuid, "health_check", "@hc")
+    sandbox.nbctl("set", "load_balancer", "hc",
+                  *[f'ip_port_mappings:"{IPS[v]}"="{v}:10.0.0.254"' for v in VMS])
+    bucket = lb_ids(sandbox, "hc")[1]
+    gateways = [sandbox.chassis[g] for g in ("gw1", "gw2")]
+
+    def status(vm: str) -> str:
+        rows = sandbox.sbctl("--bare", "--columns=status", "find", "Service_Monitor",
+                             f'ip="{IPS[vm]}"', "port=8080")
+        return rows.strip()
+
+    wait_until(lambda: all(status(v) == "online" for v in VMS), 30, 0.2,
+               "every backend online")
+    for gw in gateways:
+        wait_until(lambda g=gw: len(our_groups(g)[gid].buckets) == 3, 10, 0.1,
+                   f"3 buckets on {gw.name}")
+
+    lab.stop("vm2", f"http-{N.HTTP_PORT}")
+    t0 = time.monotonic()
+    wait_until(lambda: status("vm2") == "offline", 30, 0.05, "vm2 offline in the SB")
+    t_sb = time.monotonic() - t0
+    for gw in gateways:
+        wait_until(lambda g=gw: bucket[f"{IPS['vm2']}:8080"] not in our_groups(g)[gid].buckets,
+                   10, 0.05, f"vm2's bucket gone on {gw.name}")
+    t_gone = time.monotonic() - t0
+    for gw in gateways:
+        assert sorted(our_groups(gw)[gid].buckets) == sorted(
+            bucket[f"{IPS[v]}:8080"] for v in ("vm1", "vm3"))
+    answers = [lab.curl(f"http://{vip_ip}/who", local_port=47000 + i) for i in range(12)]
+    assert all(rc == 0 for rc, _ in answers), answers
+    assert {body.strip() for _, body in answers} <= {"vm1", "vm3"}
+
+    lab.start_http_servers(vms=["vm2"])
+    t1 = time.monotonic()
+    for gw in gateways:
+        wait_until(lambda g=gw: bucket[f"{IPS['vm2']}:8080"] in our_groups(g)[gid].buckets,
+                   30, 0.05, f"vm2's bucket back on {gw.name}")
+    t_back = time.monotonic() - t1
+    assert lb_ids(sandbox, "hc")[1] == bucket   # the same ids throughout
+    for gw in gateways:
+        assert sorted(our_groups(gw)[gid].buckets) == sorted(bucket.values())
+    print(f"\nhealth check (interval 1 s, timeout 1 s, failure_count 2): server stopped -> "
+          f"SB offline {t_sb:.2f} s -> bucket gone on both gateways {t_gone:.2f} s "
+          f"(agents: {t_gone - t_sb:.2f} s); server back -> bucket back {t_back:.2f} s")
+    sandbox.nbctl("lb-del", "hc")

@@ -173,11 +173,11 @@ def test_malformed_drain_entries_are_dropped_and_reported() -> None:
 # -- agent-side documents from unit snapshots -------------------------------------------
 
 LB_SHOW_KEYS = {"chassis", "uuid", "name", "protocol", "mode", "nb_status", "agent",
-                "router", "persistence", "hash", "previous", "gateway_ports", "drain",
-                "vips"}
+                "router", "persistence", "hash", "weights", "previous", "gateway_ports",
+                "drain", "vips"}
 VIP_KEYS = {"vip", "vip_id", "group_id", "group_here", "backends"}
 BACKEND_KEYS = {"backend", "bucket_id", "mac", "logical_port", "chassis", "drained",
-                "in_group"}
+                "health", "in_group"}
 GROUP_KEYS = {"group_id", "kind", "lb", "lb_uuid", "vip", "vip_id", "packet_count", "byte_count",
               "in_plan", "in_sync", "drained", "buckets"}
 BUCKET_KEYS = {"bucket_id", "position", "backend", "mac", "logical_port", "chassis",
@@ -543,9 +543,10 @@ def test_render_lb_show() -> None:
         "  drained:       -",
         "",
         f"VIP 172.16.0.100:80  (VIP id 1, group {GID}, installed here)",
-        "  BACKEND         BUCKET  MAC                PORT  CHASSIS  DRAINED  IN GROUP HERE",
-        "  10.0.0.11:8080  1       50:54:00:00:00:01  vm1   hv1      no       yes",
-        "  10.0.0.12:8080  2       50:54:00:00:00:02  vm2   hv2      no       yes",
+        "  BACKEND         BUCKET  MAC                PORT  CHASSIS  DRAINED  HEALTH  "
+        "IN GROUP HERE",
+        "  10.0.0.11:8080  1       50:54:00:00:00:01  vm1   hv1      no       -       yes",
+        "  10.0.0.12:8080  2       50:54:00:00:00:02  vm2   hv2      no       -       yes",
     ]
 
 
