@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from oslo_config import cfg
 
-from statelesslb import buckets, config, diff, nbwriter, planner, tables, watchers
+from statelesslb import acks, buckets, config, diff, nbwriter, planner, tables, watchers
 from statelesslb.ctlserver import CtlServer
 from statelesslb.model import Snapshot, TableLayout
 from statelesslb.openflow import InstalledState, Ofctl, OfctlError
@@ -53,6 +53,8 @@ class AgentStatus:
     missed_changes: int = 0
     # Where the last iteration that changed the bridge spent its time, in ms.
     last_apply_ms: dict[str, float] | None = None
+    # Previous bucket sets this chassis holds, as published in the SB ({LB uuid: since}).
+    acknowledged: dict[str, float] = field(default_factory=dict)
 
 
 class Agent:
@@ -77,6 +79,9 @@ class Agent:
         self._noticed_at: float | None = None   # first NB change notice not yet applied
         self._next_periodic = 0.0
         self._retry_at: float | None = None
+        # The plan whose acknowledgement was published last, and its text.
+        self._acked_plan: planner.Plan | None = None
+        self._published: str | None = None
         slb = conf.statelesslb
         self.plan_config = planner.PlanConfig(
             group_id_base=slb.group_id_base,
@@ -147,7 +152,8 @@ class Agent:
         self.nb_reader = watchers.NbReader(self.nb)
         self.sb_reader = watchers.SbReader(self.sb)
         if conf.statelesslb.nb_writer:
-            self.writer = nbwriter.NbWriter(self.nb, self.validation)
+            self.writer = nbwriter.NbWriter(self.nb, self.validation,
+                                            conf.statelesslb.ack_timeout)
         self.ofctl = Ofctl(target, conf.ovs.ofctl_path, conf.ovs.ofctl_timeout)
         self.monitor = WipeMonitor(
             target, conf.statelesslb.sentinel_table, self._on_wipe, conf.ovs.ofctl_path,
@@ -227,7 +233,7 @@ class Agent:
         nb_view = self._read_nb(everything=full)
         clock.lap("read_nb")
         if self.writer is not None:
-            nb_view = self._write_nb(nb_view)
+            nb_view = self._write_nb(nb_view, self.sb_reader.read())
             clock.lap("nb_writer")
         if layout_stale or self._layout is None:
             self._refresh_layout()
@@ -286,12 +292,39 @@ class Agent:
             self.status.flows_installed = len(self._installed.flows)
             self.status.groups_installed = len(self._installed.groups)
             self.status.last_error = None
+            self._acknowledge(plan, snapshot)
         except OfctlError as exc:
             # A rolled-back bundle changed nothing: re-read and try again shortly.
             LOG.warning("OpenFlow update failed, will re-read and retry: %s", exc)
             self.status.last_error = str(exc)
             self._installed = None
             self._schedule_retry(0.2)
+
+    def _acknowledge(self, plan: planner.Plan, snapshot: Snapshot) -> None:
+        """Publish which previous bucket sets br-int now holds: the NB writer moves the
+        gateways once every chassis concerned holds an LB's previous set.
+
+        Only after the plan is installed; again when the plan changed (a window
+        closing re-plans its LB) or the last attempt failed.
+        """
+        if plan is self._acked_plan:
+            return
+        held = acks.installed_previous(
+            snapshot.nb.load_balancers,
+            [u for u, s in plan.lb_status.items() if s.state != planner.STATE_ERROR],
+            time.time())
+        text = acks.dump_installed(held)
+        if text != self._published:
+            done = watchers.publish_installed(self.sb, self.status.chassis, text)
+            if not done:
+                # No Chassis_Private row yet (ovn-controller makes it), or a failed write.
+                self._schedule_retry(1.0)
+                return
+            if held != self.status.acknowledged:
+                LOG.info("holding the previous bucket sets of %d LBs (published)", len(held))
+            self._published = text
+        self.status.acknowledged = held
+        self._acked_plan = plan
 
     def _read_nb(self, everything: bool = False):
         """The NB view; the LBs it changed are queued for the planner and the writer."""
@@ -304,7 +337,7 @@ class Agent:
         self._writer_changes = _union(self._writer_changes, changed)
         return nb_view
 
-    def _write_nb(self, nb_view):
+    def _write_nb(self, nb_view, sb_view):
         """As the NB writer (if we hold its lock): write ids and status; the view after."""
         has_lock = self.nb.has_lock
         if has_lock != self.status.nb_writer:
@@ -315,7 +348,8 @@ class Agent:
             # Whoever writes meanwhile, on getting the lock we look at every LB.
             self._writer_changes = None
             return nb_view
-        changed = self.writer.reconcile(nb_view, self._writer_changes)
+        changed = self.writer.reconcile(nb_view, self._writer_changes, sb_view,
+                                        self.sb_reader.installed)
         self._writer_changes = frozenset()
         if self.writer.last_error:
             self._schedule_retry(1.0)   # the LBs it could not write are tried again
@@ -323,7 +357,7 @@ class Agent:
             nb_view = self._read_nb()   # we just changed it: plan from the new rows
         due = self.writer.next_due()
         if due is not None:
-            # A bucket change waits for the backends to hold the previous set.
+            # A wait for acknowledgements runs out, or a window closes, then.
             self._schedule_retry(due - time.time() + 0.05)
         return nb_view
 

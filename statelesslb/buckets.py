@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from statelesslb.acks import DEFAULT_ACK_TIMEOUT, AckState, ack_state, join
 from statelesslb.model import (
     EXT_ACTIVE,
     EXT_BUCKETS,
@@ -29,6 +30,7 @@ from statelesslb.model import (
     EXT_VIP_IDS,
     NbLoadBalancer,
     NbView,
+    SbView,
 )
 from statelesslb.ofstrings import is_plain_int
 from statelesslb.validate import (
@@ -256,7 +258,9 @@ def _error_status(message: str) -> str:
 
 
 def reconcile_nb(
-    lbs: Iterable[NbLoadBalancer], nb: NbView, now: float = 0.0
+    lbs: Iterable[NbLoadBalancer], nb: NbView, now: float = 0.0,
+    sb: SbView | None = None, installed: Mapping[str, str] | None = None,
+    ack_timeout: float = DEFAULT_ACK_TIMEOUT,
 ) -> dict[str, dict[str, str | None]]:
     """external_ids changes the NB writer must make: {LB uuid: {key: value}}.
 
@@ -273,14 +277,39 @@ def reconcile_nb(
     status changes to "error: ...".
 
     `statelesslb:active` records, per VIP, the buckets the gateways use (drained
-    backends left out); when it changes, the old value moves to
-    `statelesslb:previous` stamped with `now`, for the second-chance layer.
+    backends left out). With second chance, a change takes two passes: the first
+    publishes the gateways' current set as `statelesslb:previous` stamped with
+    `now`; a later one moves `active` once every chassis where a backend of either
+    set is bound (per `sb`) acknowledged that previous set in `installed` ({chassis
+    name: its `statelesslb:installed` text}, see statelesslb.acks), or once
+    `ack_timeout` seconds (at most half the LB's window) have passed.
     """
     to_update = {lb.uuid: lb for lb in lbs}
     everyone = dict(nb.load_balancers) | to_update
     claims = _claim_vip_ids(list(everyone.values()))
     return _reconcile(to_update.values(), nb, index_topology(nb), _VALIDATION.scope(nb),
-                      claims, now)
+                      claims, now, _Phases(sb, installed, ack_timeout))
+
+
+@dataclass(frozen=True)
+class _Phases:
+    """What the move from phase 1 to phase 2 waits for."""
+
+    sb: SbView | None
+    installed: Mapping[str, str] | None
+    ack_timeout: float
+
+
+@dataclass(frozen=True)
+class _Outlook:
+    """What an LB's result depends on beyond its row: for the incremental writer."""
+
+    due: float | None = None     # the result may change by time alone then
+    reads_acks: bool = False     # it depends on acknowledgements and bindings
+    moved_late: tuple[str, ...] = ()   # phase 2 written now without these chassis
+
+
+_NO_OUTLOOK = _Outlook()
 
 
 def _reconcile(
@@ -290,15 +319,21 @@ def _reconcile(
     validation: ValidationMemo,
     claims: _ClaimedVipIds,
     now: float,
+    phases: _Phases,
+    outlooks: dict[str, _Outlook] | None = None,
 ) -> dict[str, dict[str, str | None]]:
     blocked_vip_ids = _Blocked(claims.in_use)
     changes: dict[str, dict[str, str | None]] = {}
     for lb in sorted(lbs, key=_lb_order):
         ext = _external_ids(lb)
+        outlook = _NO_OUTLOOK
         if is_marked(lb):
-            desired = _desired_ids(lb, nb, index, validation, claims, blocked_vip_ids, now)
+            desired, outlook = _desired_ids(lb, nb, index, validation, claims,
+                                            blocked_vip_ids, now, phases)
         else:
             desired = {key: None for key in WRITER_KEYS if key in ext}
+        if outlooks is not None:
+            outlooks[lb.uuid] = outlook
         delta = {k: v for k, v in desired.items() if ext.get(k) != v}
         if delta:
             changes[lb.uuid] = delta
@@ -313,11 +348,12 @@ def _desired_ids(
     claims: _ClaimedVipIds,
     blocked_vip_ids: _Blocked,
     now: float,
-) -> dict[str, str | None]:
+    phases: _Phases,
+) -> tuple[dict[str, str | None], _Outlook]:
     ext = _external_ids(lb)
     valid = validation.validate(lb, nb, index)
     if isinstance(valid, LbError):
-        return {EXT_STATUS: _error_status(valid.message)}
+        return {EXT_STATUS: _error_status(valid.message)}, _NO_OUTLOOK
 
     notes = list(claims.notes.get(lb.uuid, []))
     stored_buckets = parse_id_map(ext.get(EXT_BUCKETS))
@@ -332,7 +368,7 @@ def _desired_ids(
         )
         bucket_ids = allocate_ids(stored_buckets or {}, valid.backend_keys)
     except IdSpaceExhausted as exhausted:
-        return {EXT_STATUS: _error_status(str(exhausted))}
+        return {EXT_STATUS: _error_status(str(exhausted))}, _NO_OUTLOOK
     blocked_vip_ids.update(vip_ids.values())
 
     drained, drain_dropped = parse_drain_checked(ext.get(EXT_DRAIN))
@@ -344,7 +380,6 @@ def _desired_ids(
     desired = {
         EXT_VIP_IDS: dump_id_map(vip_ids),
         EXT_BUCKETS: dump_id_map(bucket_ids),
-        EXT_STATUS: _format_status(notes),
     }
     active = {
         vip.key: {
@@ -355,11 +390,21 @@ def _desired_ids(
     }
     active_text = json.dumps(active, sort_keys=True, separators=(",", ":"))
     stored_active = ext.get(EXT_ACTIVE)
-    if stored_active == active_text:
-        return desired
     old = parse_active(stored_active)
     previous = parse_previous(ext.get(EXT_PREVIOUS))
-    if not old or not valid.second_chance:
+    outlook = _NO_OUTLOOK
+    if stored_active == active_text:
+        # In place. While the previous set is in force, say who does not hold it.
+        if previous is not None and valid.second_chance and now < previous[0] + valid.window:
+            state = _ack_state(lb, valid, previous, phases)
+            if state.waiting:
+                notes.append(f"previous bucket set not held by {join(state.waiting)}: "
+                             "sessions there may break")
+            if state.silent:
+                notes.append(f"no statelesslb agent acknowledges on {join(state.silent)}")
+            outlook = _Outlook(previous[0] + valid.window if state.waiting or state.silent
+                               else None, True)
+    elif not old or not valid.second_chance:
         # First time, or no second chance to prepare: the gateways move at once.
         desired[EXT_ACTIVE] = active_text
     elif previous is None or previous[1] != old:
@@ -367,28 +412,37 @@ def _desired_ids(
         # alone, so every backend chassis installs it before any gateway changes.
         desired[EXT_PREVIOUS] = json.dumps(
             {"since": round(now, 3), "vips": old}, sort_keys=True, separators=(",", ":"))
-    elif now - previous[0] >= SETTLE_SECONDS:
-        desired[EXT_ACTIVE] = active_text            # phase 2: the gateways move
-    return desired
+    else:
+        # Phase 2 once every chassis that must hold the previous set says it does,
+        # or when the wait is over (half the window at most: the set must still be
+        # in force for a while once the gateways have moved).
+        state = _ack_state(lb, valid, previous, phases)
+        deadline = previous[0] + min(phases.ack_timeout, valid.window / 2)
+        if state.silent:
+            notes.append(f"no statelesslb agent acknowledges on {join(state.silent)}")
+        if not state.waiting:
+            desired[EXT_ACTIVE] = active_text
+            outlook = _Outlook(None, True)
+        elif now >= deadline:
+            desired[EXT_ACTIVE] = active_text
+            notes.append(f"previous bucket set not held by {join(state.waiting)}: "
+                         "sessions there may break")
+            outlook = _Outlook(previous[0] + valid.window, True, state.waiting)
+        else:
+            notes.append(f"waiting for {join(state.waiting)} to install the previous "
+                         f"bucket set (at most {deadline - previous[0]:g} s)")
+            outlook = _Outlook(deadline, True)
+    desired[EXT_STATUS] = _format_status(notes)
+    return desired, outlook
 
 
-# Between publishing the previous set and moving the gateways: enough for every
-# backend chassis to install it (tens of milliseconds in the sandbox).
-SETTLE_SECONDS = 1.0
-
-
-def settling(lb: NbLoadBalancer, now: float) -> float | None:
-    """When a phase 2 may become due for this LB: its phase 1 is recent.
-
-    (Whether one is needed at all is reconcile_nb's to say; an extra wake-up of
-    the writer is harmless.)
-    """
-    ext = _external_ids(lb)
-    previous = parse_previous(ext.get(EXT_PREVIOUS))
-    if previous is None or previous[1] != parse_active(ext.get(EXT_ACTIVE)):
-        return None
-    due = previous[0] + SETTLE_SECONDS
-    return due if due > now else None
+def _ack_state(lb: NbLoadBalancer, valid: ValidLb, previous: tuple[float, ActiveSet],
+               phases: _Phases) -> AckState:
+    """Who acknowledged the previous set: required are the chassis of every backend of
+    the LB (drained ones too) and of every backend of the previous set."""
+    ports = {b.lsp_name for vip in valid.vips for b in vip.backends}
+    ports.update(lsp for backends in previous[1].values() for _bid, _mac, lsp in backends.values())
+    return ack_state(lb.uuid, previous[0], sorted(ports), phases.sb, phases.installed)
 
 
 class NbReconciler:
@@ -396,33 +450,43 @@ class NbReconciler:
 
     The writer is told which LBs changed since its last pass; it then evaluates
     those, the LBs whose last result it has not seen written yet, the LBs whose
-    phase 2 fell due, the LBs whose VIP-id claims moved, and the LBs whose
-    validation read what a topology change touched (an invalid LB: anything).
-    Any other LB gave an empty result last time from the same inputs, so it would
-    again: the result equals reconcile_nb() over all LBs (a property test holds
-    it to that). `changed=None`, or a topology change whose reach cannot be
-    told, evaluates every LB.
+    result may change by time alone (a wait for acknowledgements ran out, a
+    second-chance window closed), the LBs that read acknowledgements when those
+    or the SB bindings changed, the LBs whose VIP-id claims moved, and the LBs
+    whose validation read what a topology change touched (an invalid LB:
+    anything). Any other LB gave an empty result last time from the same
+    inputs, so it would again: the result equals reconcile_nb() over all LBs
+    (a property test holds it to that). `changed=None`, or a topology change
+    whose reach cannot be told, evaluates every LB.
     """
 
-    def __init__(self, validation: ValidationMemo | None = None) -> None:
+    def __init__(self, validation: ValidationMemo | None = None,
+                 ack_timeout: float = DEFAULT_ACK_TIMEOUT) -> None:
         self._topology = TopologyCache()
         # The agent shares one memo with its planner: a topology change validates once.
         self._validation = validation or ValidationMemo()
+        self.ack_timeout = ack_timeout
         self._claims: _ClaimedVipIds | None = None
         self._claim_keys: dict[str, object] = {}
         self._unwritten: set[str] = set()       # last result non-empty
-        self._settling: dict[str, float] = {}   # phase 1 published: uuid -> phase 2 due
+        self._due: dict[str, float] = {}        # uuid -> its result may change then
+        self._ack_readers: set[str] = set()     # results that read acknowledgements
+        self._sb: SbView | None = None
+        self._installed: Mapping[str, str] | None = None
         self._topology_readers = Dependents()    # topology each marked LB's validation read
+        # Phase 2 written by the last pass without these chassis' acknowledgement.
+        self.moved_late: dict[str, tuple[str, ...]] = {}
 
     def next_due(self) -> float | None:
-        """Unix time at which a settling LB may need its phase 2 written."""
-        return min(self._settling.values(), default=None)
+        """Unix time at which some LB's result may change by time alone."""
+        return min(self._due.values(), default=None)
 
     def reconcile(
-        self, nb: NbView, now: float, changed: Set[str] | None = None
+        self, nb: NbView, now: float, changed: Set[str] | None = None,
+        sb: SbView | None = None, installed: Mapping[str, str] | None = None,
     ) -> dict[str, dict[str, str | None]]:
-        """reconcile_nb(all LBs of nb, nb, now); `changed`: LB uuids changed since the
-        last call (None: unknown)."""
+        """reconcile_nb(all LBs of nb, nb, now, sb, installed, self.ack_timeout);
+        `changed`: LB uuids changed since the last call (None: unknown)."""
         lbs = nb.load_balancers
         topology = self._topology.get(nb)
         index = topology.index
@@ -446,12 +510,19 @@ class NbReconciler:
             self._claim_keys = {u: _claim_key(lb) for u, lb in lbs.items()}
         assert claims is not None
         todo.update(u for u in self._unwritten if u in lbs)
-        todo.update(u for u, due in self._settling.items() if due <= now and u in lbs)
-        changes = _reconcile([lbs[u] for u in todo], nb, index, validation, claims, now)
+        todo.update(u for u, due in self._due.items() if due <= now and u in lbs)
+        if not (_same(sb, self._sb) and _same(installed, self._installed)):
+            # Acknowledgements or bindings moved: whoever read them may differ.
+            todo.update(u for u in self._ack_readers if u in lbs)
+            self._sb, self._installed = sb, installed
+        outlooks: dict[str, _Outlook] = {}
+        changes = _reconcile([lbs[u] for u in todo], nb, index, validation, claims, now,
+                             _Phases(sb, installed, self.ack_timeout), outlooks)
 
         self._unwritten = set(changes)
         if full:
-            self._settling, self._topology_readers = {}, Dependents()
+            self._due, self._ack_readers = {}, set()
+            self._topology_readers = Dependents()
         for u in todo:
             valid = validation.validate(lbs[u], nb, index) if is_marked(lbs[u]) else None
             if valid is None:
@@ -462,13 +533,31 @@ class NbReconciler:
         for u in changed or ():
             if u not in lbs:
                 self._topology_readers.discard(u)
-        for u in (set(self._settling) - lbs.keys()) | todo:
-            due = settling(lbs[u], now) if u in lbs else None
-            if due is None:
-                self._settling.pop(u, None)
+        for u in (self._due.keys() | self._ack_readers) - lbs.keys():
+            self._due.pop(u, None)
+            self._ack_readers.discard(u)
+        self.moved_late = {}
+        for u, outlook in outlooks.items():
+            if outlook.due is None:
+                self._due.pop(u, None)
             else:
-                self._settling[u] = due
+                self._due[u] = outlook.due
+            if outlook.reads_acks:
+                self._ack_readers.add(u)
+            else:
+                self._ack_readers.discard(u)
+            if outlook.moved_late:
+                self.moved_late[u] = outlook.moved_late
         return changes
+
+
+def _same(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
 
 
 def _claim_key(lb: NbLoadBalancer | None) -> object:

@@ -136,6 +136,17 @@ STATELESSLB_OPTS = [
         "marked load balancers and writes their bucket ids and status to the NB.",
     ),
     cfg.FloatOpt(
+        "ack_timeout",
+        default=30.0,
+        min=0.0,
+        help="With second chance, the NB writer moves the gateways to a changed bucket "
+        "set only once every chassis where a backend of the new or the previous set is "
+        "bound acknowledged the previous set (SB Chassis_Private "
+        "external_ids:statelesslb:installed), or after this many seconds (at most half "
+        "the LB's second-chance window). A chassis still missing then is named in "
+        "statelesslb:status and in the log: its sessions may break.",
+    ),
+    cfg.FloatOpt(
         "resync_interval",
         default=60.0,
         min=1.0,

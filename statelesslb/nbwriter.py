@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Set
+from collections.abc import Mapping, Set
 
 from statelesslb import buckets
-from statelesslb.model import EXT_ACTIVE, EXT_PREVIOUS, NbView
+from statelesslb.acks import DEFAULT_ACK_TIMEOUT
+from statelesslb.model import EXT_ACTIVE, EXT_PREVIOUS, NbView, SbView
 from statelesslb.validate import ValidationMemo
 from statelesslb.watchers import Watcher
 
@@ -22,23 +23,27 @@ LOG = logging.getLogger(__name__)
 
 
 class NbWriter:
-    def __init__(self, watcher: Watcher, validation: ValidationMemo | None = None):
+    def __init__(self, watcher: Watcher, validation: ValidationMemo | None = None,
+                 ack_timeout: float = DEFAULT_ACK_TIMEOUT):
         self.watcher = watcher
-        self.reconciler = buckets.NbReconciler(validation)
+        self.reconciler = buckets.NbReconciler(validation, ack_timeout)
         self.writes = 0
         self.last_error: str | None = None
 
     def next_due(self) -> float | None:
-        """Unix time at which a settling LB may need its phase 2 written."""
+        """Unix time at which some LB's result may change by time alone (a wait for
+        acknowledgements runs out, a second-chance window closes)."""
         return self.reconciler.next_due()
 
-    def reconcile(self, nb: NbView, changed: Set[str] | None = None) -> int:
+    def reconcile(self, nb: NbView, changed: Set[str] | None = None,
+                  sb: SbView | None = None, installed: Mapping[str, str] | None = None) -> int:
         """Write what reconcile_nb says; returns the number of LBs changed.
 
-        `changed`: uuids of the LBs changed since the last call (None: unknown).
+        `changed`: uuids of the LBs changed since the last call (None: unknown);
+        `sb`, `installed`: bindings and acknowledgements the phase change waits for.
         """
         started = time.perf_counter()
-        changes = self.reconciler.reconcile(nb, time.time(), changed)
+        changes = self.reconciler.reconcile(nb, time.time(), changed, sb, installed)
         if not changes:
             return 0
         computed = time.perf_counter()
@@ -58,6 +63,11 @@ class NbWriter:
                     else:
                         row.setkey("external_ids", key, value)
                 lb = nb.load_balancers[uuid_text]
+                late = self.reconciler.moved_late.get(uuid_text)
+                if late:
+                    LOG.warning("LB %s: gateways moved to the new bucket set without the "
+                                "acknowledgement of %s (late or gone): sessions there may "
+                                "break", lb.name, ", ".join(late))
                 LOG.info("LB %s: %s", lb.name, _describe(delta))
                 LOG.debug("LB %s: full values %s", lb.name, delta)
             status = txn.commit_block()

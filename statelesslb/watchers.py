@@ -40,7 +40,11 @@ NB_TABLES = (
     "HA_Chassis_Group",
     "HA_Chassis",
 )
-SB_TABLES = ("Chassis", "Datapath_Binding", "Port_Binding", "Service_Monitor")
+# Chassis_Private: where each agent acknowledges the previous bucket sets it holds.
+SB_TABLES = ("Chassis", "Chassis_Private", "Datapath_Binding", "Port_Binding",
+             "Service_Monitor")
+# SB tables the SbView is built from (acknowledgements are read on their own).
+_SB_VIEW_TABLES = frozenset(SB_TABLES) - {"Chassis_Private"}
 # NB tables the LB-independent part of the view (routers, ports, switches) comes from.
 NB_TOPOLOGY_TABLES = frozenset(NB_TABLES) - {"Load_Balancer"}
 OVS_TABLES = ("Open_vSwitch",)
@@ -355,15 +359,60 @@ def _service_monitors(watcher: Watcher) -> dict[tuple[str, int, str], str]:
 
 
 class SbReader:
-    """The SB view, rebuilt only after the SB changed (the same object otherwise)."""
+    """The SB view, rebuilt only after the SB changed (the same object otherwise).
+
+    `installed` is every chassis' `statelesslb:installed` text (by chassis name),
+    rebuilt from Chassis_Private (and the same object while it did not change).
+    """
 
     def __init__(self, watcher: Watcher):
         self.watcher = watcher
         self._view: model.SbView | None = None
+        self.installed: dict[str, str] = {}
 
     def read(self) -> model.SbView:
         with self.watcher.connection.lock:
             changes = self.watcher.take_changes()
-            if self._view is None or changes.everything or changes.rows:
+            if (self._view is None or changes.everything
+                    or not _SB_VIEW_TABLES.isdisjoint(changes.rows)):
                 self._view = _sb_view(self.watcher)
+            if changes.everything or "Chassis_Private" in changes.rows:
+                installed = _installed(self.watcher)
+                if installed != self.installed:
+                    self.installed = installed
             return self._view
+
+
+def _installed(watcher: Watcher) -> dict[str, str]:
+    from statelesslb.acks import EXT_INSTALLED
+
+    out = {}
+    for row in watcher.rows("Chassis_Private"):
+        text = row.external_ids.get(EXT_INSTALLED)
+        if isinstance(row.name, str) and text is not None:
+            out[row.name] = text
+    return out
+
+
+def publish_installed(watcher: Watcher, chassis: str, text: str) -> bool | None:
+    """Set `statelesslb:installed` on this chassis' Chassis_Private row (only that key).
+
+    True: written (or already so); None: no row yet (ovn-controller creates it);
+    False: the transaction failed (try again later).
+    """
+    from statelesslb.acks import EXT_INSTALLED
+
+    with watcher.connection.lock:
+        row = next((r for r in watcher.rows("Chassis_Private") if r.name == chassis), None)
+        if row is None:
+            return None
+        if row.external_ids.get(EXT_INSTALLED) == text:
+            return True
+        txn = ovs_idl.Transaction(watcher.idl)
+        row.setkey("external_ids", EXT_INSTALLED, text)
+        status = txn.commit_block()
+    if status in (ovs_idl.Transaction.SUCCESS, ovs_idl.Transaction.UNCHANGED):
+        return True
+    LOG.warning("could not publish %s on Chassis_Private %s: %s", EXT_INSTALLED, chassis,
+                status)
+    return False

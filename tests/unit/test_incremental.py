@@ -11,12 +11,14 @@ changes through both paths and compare every step:
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from statelesslb import diff
+from statelesslb.acks import dump_installed
 from statelesslb.buckets import NbReconciler, dump_drain, reconcile_nb
 from statelesslb.model import (
     EXT_ACTIVE,
@@ -51,7 +53,7 @@ PERSISTENCE = [
 ]
 OPS = ["backends", "backends", "remove", "drain", "persistence", "write", "write",
        "tamper", "rename", "time", "bind", "unmark", "detach",
-       "port", "second_switch", "router_mac", "standby"]
+       "port", "second_switch", "router_mac", "standby", "ack", "ack"]
 
 steps = st.lists(
     st.tuples(st.sampled_from(OPS), st.integers(0, 3), st.integers(0, 15),
@@ -68,6 +70,8 @@ class World:
         self.topo.add_vif("ls0", "vm3", "50:54:00:00:00:03", "10.0.0.13", "gw1")
         self.topo.add_vif("ls0", "vm4", "50:54:00:00:00:04", "10.0.0.14", "hv1")
         self.now = 1000.0
+        # Each chassis' statelesslb:installed text (acks.py); absent: no agent.
+        self.installed: dict[str, str] = {}
         self._nb: NbView | None = None
         self._sb: SbView | None = None
 
@@ -103,6 +107,15 @@ class World:
                 self._replace(a, vips={next(iter(lb.vips), vip): backends})
         elif op == "time":
             self.now += b * 5.0
+        elif op == "ack":        # a chassis publishes what it holds (or stops publishing)
+            chassis = CHASSIS[b % 3]
+            held = {u: json.loads(lb.external_ids[EXT_PREVIOUS])["since"]
+                    for u, lb in topo.load_balancers.items()
+                    if c % 2 and EXT_PREVIOUS in lb.external_ids}
+            if c == 2:
+                self.installed.pop(chassis, None)
+            else:
+                self.installed = {**self.installed, chassis: dump_installed(held)}
         elif op == "bind":       # an SB change only: a VM moves to another chassis
             old = topo.port_bindings[VMS[c]]
             topo.port_bindings[VMS[c]] = SbPortBinding(
@@ -232,19 +245,24 @@ def test_incremental_planner_equals_planning_from_scratch(ops):
 @given(steps)
 def test_nb_reconciler_equals_reconciling_every_lb(ops):
     world = World().populated()
-    reconciler = NbReconciler()
+    reconciler = NbReconciler(ack_timeout=10.0)
     seen: dict = {}
     for op, a, b, c, write_all in ops:
         if op != "write":
             world.apply(op, a, b, c)
-        nb = world.nb()
+        nb, sb, installed = world.nb(), world.sb(), world.installed
         changed = changed_between(seen, nb.load_balancers)
-        got = reconciler.reconcile(nb, world.now, changed)
-        assert got == reconcile_nb(nb.load_balancers.values(), nb, now=world.now)
+        got = reconciler.reconcile(nb, world.now, changed, sb, installed)
+        assert got == reconcile_nb(nb.load_balancers.values(), nb, world.now, sb, installed,
+                                   10.0)
         seen = dict(nb.load_balancers)
-        if op == "write":
-            world.topo.write(got if write_all else dict(list(got.items())[: len(got) // 2]))
-        world.now += 0.6   # phase 2 falls due after SETTLE_SECONDS
+        # The writer's own writes (all, or part of one that failed half-way), and
+        # writes that never happened: quiet LBs then wait for acknowledgements or time.
+        if write_all:
+            world.topo.write(got)
+        elif op == "write":
+            world.topo.write(dict(list(got.items())[: len(got) // 2]))
+        world.now += 0.6   # and a wait for acknowledgements runs out after 10 s
 
 
 def test_incremental_planner_names_only_what_moved():
