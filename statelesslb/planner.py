@@ -715,7 +715,7 @@ class _RecordedMapping(Mapping):
 def _recording_sb(sb: SbView, reads: set[object]) -> SbView:
     return SbView(_RecordedMapping(sb.datapath_keys, "datapath", reads),
                   _RecordedMapping(sb.port_bindings, "port", reads),
-                  _RecordedMapping(getattr(sb, "service_monitors", {}), "health", reads))
+                  _RecordedMapping(sb.service_monitors, "health", reads))
 
 
 def _sb_changes(old: SbView | None, new: SbView) -> set[object] | None:
@@ -940,8 +940,8 @@ def _gateway_members(
 
 def backend_health(sb: SbView, ip: IpAddress, port: int, protocol: str) -> str | None:
     """The SB Service_Monitor status of a backend, None when it is not health-checked."""
-    monitors = getattr(sb, "service_monitors", None)
-    if not isinstance(monitors, Mapping):
+    monitors = sb.service_monitors
+    if not isinstance(monitors, Mapping):   # a fuzzer's view
         return None
     status = monitors.get((ip_text(ip), port, protocol))
     return status if isinstance(status, str) else None

@@ -60,7 +60,7 @@ def slot_ids(bucket_id: int, weight: int) -> list[int]:
 
 def base_id(bucket_id: int) -> int:
     """The NB bucket id a slot's id stands for."""
-    return bucket_id % SLOT_BASE if bucket_id >= SLOT_BASE else bucket_id
+    return bucket_id % SLOT_BASE
 
 
 def _show(value: object) -> str:

@@ -89,6 +89,13 @@ def _acknowledged(sandbox, chassis: str, lb_uuid: str, since: float) -> bool:
     return abs(parse_installed(text).get(lb_uuid, -1) - since) < 0.001
 
 
+def _second_chance_lb(sandbox, topo, name: str, vip: str) -> int:
+    """A second-chance LB over THREE; its gateway group id once it is ready."""
+    create_lb(sandbox, name, f"{vip}:80", THREE)
+    sandbox.nbctl("set", "load_balancer", name, "options:stateless_persistence=second-chance")
+    return wait_lb_ready(sandbox, name, f"{vip}:80", 3, topo=topo)
+
+
 def _lb_uuid(sandbox, name: str) -> str:
     return sandbox.nbctl("--bare", "--columns=_uuid", "find", "load_balancer",
                          f"name={name}").strip()
@@ -96,9 +103,7 @@ def _lb_uuid(sandbox, name: str) -> str:
 
 def test_the_gateways_wait_for_a_paused_backend_agent(running, topo):
     sandbox, vip, name = running, "172.16.0.110", "lbk"
-    create_lb(sandbox, name, f"{vip}:80", THREE)
-    sandbox.nbctl("set", "load_balancer", name, "options:stateless_persistence=second-chance")
-    gid = wait_lb_ready(sandbox, name, f"{vip}:80", 3, topo=topo)
+    gid = _second_chance_lb(sandbox, topo, name, vip)
     uuid = _lb_uuid(sandbox, name)
     conns = open_connections(sandbox, topo, vip, range(48000, 48040))
     assert len(conns) == 40
@@ -142,9 +147,7 @@ def test_the_gateways_wait_for_a_paused_backend_agent(running, topo):
 
 def test_the_wait_is_bounded_and_a_late_chassis_is_named(running, topo):
     sandbox, vip, name = running, "172.16.0.111", "lbl"
-    create_lb(sandbox, name, f"{vip}:80", THREE)
-    sandbox.nbctl("set", "load_balancer", name, "options:stateless_persistence=second-chance")
-    gid = wait_lb_ready(sandbox, name, f"{vip}:80", 3, topo=topo)
+    gid = _second_chance_lb(sandbox, topo, name, vip)
     old = _gateway_buckets(sandbox, gid)
     paused = _paused_chassis(sandbox)
     writer_log = sandbox.agents[_writer(sandbox)]["log"]
