@@ -23,7 +23,7 @@ import time
 from common import create, delete, group_count, running_sandbox, toggle_backend
 
 from statelesslb.sandbox.agents import agent_ctl
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.traffic import GROUP_BASE
 
 ALL_OURS = (GROUP_BASE, GROUP_BASE + 0x0FFFFFFF)

@@ -18,7 +18,7 @@ import time
 
 from common import bucket_count, cpu_seconds, pct, rss_mib, running_sandbox
 
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.traffic import create_lb, lb_ids, our_groups, wait_lb_ready
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from common import bucket_count, pct, running_sandbox
 
-from statelesslb.model import EXT_ACTIVE
+from statelesslb.nb.model import EXT_ACTIVE
 from statelesslb.sandbox import Sandbox
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.traffic import GROUP_BASE, lb_external_ids, lb_ids, our_groups
 
 VIP = "172.22.{}.{}:80"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from statelesslb.sandbox import Sandbox, Topology, build_lb_topology
 from statelesslb.sandbox import agents as sandbox_agents
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.traffic import GROUP_BASE, lb_ids
 
 TICK = os.sysconf("SC_CLK_TCK")

@@ -22,11 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from statelesslb import diff  # noqa: E402
-from statelesslb.buckets import NbReconciler, reconcile_nb  # noqa: E402
-from statelesslb.model import Snapshot  # noqa: E402
-from statelesslb.planner import IncrementalPlanner, PlanConfig, plan  # noqa: E402
-from statelesslb.validate import ValidationMemo  # noqa: E402
+from statelesslb.nb.bucket_ids import NbReconciler, reconcile_nb  # noqa: E402
+from statelesslb.nb.model import Snapshot  # noqa: E402
+from statelesslb.nb.validate import ValidationMemo  # noqa: E402
+from statelesslb.openflow import diff  # noqa: E402
+from statelesslb.plan.planner import IncrementalPlanner, plan
+from statelesslb.plan.specs import PlanConfig
 from tests.unit.factories import TABLES, Topo  # noqa: E402
 
 

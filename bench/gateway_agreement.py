@@ -18,11 +18,11 @@ import time
 import ovs.unixctl.client
 from common import running_sandbox
 
-from statelesslb.ctlserver import parse_trace
-from statelesslb.predict import FlowTuple, predict_bucket
+from statelesslb.observe.predict import FlowTuple, predict_bucket
+from statelesslb.observe.trace import parse_trace
 from statelesslb.sandbox import Sandbox
 from statelesslb.sandbox import agents as sandbox_agents
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.topology import add_second_dgp
 from statelesslb.sandbox.traffic import (
     create_lb,

@@ -21,11 +21,12 @@ import time
 
 from common import running_sandbox
 
-from statelesslb.buckets import parse_drain, parse_id_map
-from statelesslb.model import EXT_BUCKETS, EXT_DRAIN, EXT_VIP_IDS
+from statelesslb.nb.model import EXT_BUCKETS, EXT_DRAIN, EXT_VIP_IDS
+from statelesslb.nb.stored import parse_drain, parse_id_map
 from statelesslb.sandbox import Sandbox
 from statelesslb.sandbox import packets as P
-from statelesslb.sandbox.core import CLIENT_PORT, wait_until
+from statelesslb.sandbox.core import CLIENT_PORT
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.topology import add_second_dgp, wait_bound
 from statelesslb.sandbox.traffic import (
     GROUP_BASE,

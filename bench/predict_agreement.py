@@ -26,9 +26,9 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from statelesslb.ctlserver import parse_trace
-from statelesslb.planner import BUCKET_WEIGHT, GROUP_FIELDS
-from statelesslb.predict import FlowTuple, bucket_scores, flow_basis, predict_bucket
+from statelesslb.observe.predict import FlowTuple, bucket_scores, flow_basis, predict_bucket
+from statelesslb.observe.trace import parse_trace
+from statelesslb.plan.specs import BUCKET_WEIGHT, GROUP_FIELDS
 from statelesslb.sandbox.switch import Switch, find_tools, random_tuples
 
 BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8]

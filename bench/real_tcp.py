@@ -41,12 +41,13 @@ from pathlib import Path
 
 from common import TICK, cpu_seconds
 
-from statelesslb.hashing import DEFAULT_HASH, HashOptionError, parse_hash
-from statelesslb.planner import BUCKET_WEIGHT
-from statelesslb.predict import FlowTuple, predict_bucket
+from statelesslb.nb.hashing import DEFAULT_HASH, HashOptionError, parse_hash
+from statelesslb.observe.predict import FlowTuple, predict_bucket
+from statelesslb.plan.specs import BUCKET_WEIGHT
 from statelesslb.sandbox import agents as sandbox_agents
 from statelesslb.sandbox import netns as N
-from statelesslb.sandbox.core import Sandbox, wait_until
+from statelesslb.sandbox.core import Sandbox
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.traffic import conntrack_lines, lb_ids, wait_lb_ready
 
 NATIVE_VIP = "172.16.0.110"

@@ -32,7 +32,7 @@ from common import (
 )
 
 from statelesslb.sandbox.agents import agent_ctl
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.traffic import GROUP_BASE
 
 

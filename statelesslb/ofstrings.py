@@ -1,7 +1,7 @@
 """Safe building blocks for `ovs-ofctl` text.
 
 Only typed values (ints, `ipaddress` objects, MACs already canonicalised by
-`statelesslb.validate`) are formatted here, and every finished piece is checked
+`statelesslb.nb.validate`) are formatted here, and every finished piece is checked
 against a small character set: a bundle file is line-oriented and comma
 separated, so a stray space, newline or comma from the NB would change what
 OVS executes.

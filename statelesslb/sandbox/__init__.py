@@ -5,15 +5,14 @@ See docs/sandbox.md. The main entry points::
     from statelesslb.sandbox import Sandbox, build_lb_topology
 """
 
-from statelesslb.sandbox.core import (
-    CLIENT_MAC,
+from statelesslb.sandbox.chassis import Chassis
+from statelesslb.sandbox.core import CLIENT_MAC, Sandbox
+from statelesslb.sandbox.processes import (
     BinaryNotFoundError,
-    Chassis,
     CommandError,
     DaemonFailedError,
     ProcessRecord,
     RunDirInUseError,
-    Sandbox,
     SandboxError,
     binaries_available,
     wait_until,

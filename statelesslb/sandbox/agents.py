@@ -6,7 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-from statelesslb.sandbox.core import Chassis, Sandbox, wait_until
+from statelesslb.sandbox.chassis import Chassis
+from statelesslb.sandbox.core import Sandbox
+from statelesslb.sandbox.processes import wait_until
 
 AGENT = "statelesslb-agent"
 
@@ -31,7 +33,7 @@ resync_interval = {resync}
 
 def agent_argv(config_file: str) -> list[str]:
     # The venv's interpreter runs the agent from this checkout.
-    return [sys.executable, "-m", "statelesslb.agent", "--config-file", config_file]
+    return [sys.executable, "-m", "statelesslb.agent.service", "--config-file", config_file]
 
 
 def start_agent(sandbox: Sandbox, chassis: Chassis, debug: bool = True,

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from statelesslb.sandbox import agents
-from statelesslb.sandbox.core import MANIFEST, Sandbox, SandboxError
+from statelesslb.sandbox.core import MANIFEST, Sandbox
+from statelesslb.sandbox.processes import SandboxError
 from statelesslb.sandbox.topology import build_lb_topology
 
 LOG = logging.getLogger("statelesslb.sandbox")

@@ -50,11 +50,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from statelesslb.sandbox.core import (
-    EXTERNAL_BRIDGE,
+from statelesslb.sandbox.core import EXTERNAL_BRIDGE, Sandbox
+from statelesslb.sandbox.namespaces import ETC_NETNS, LINK_PREFIX, NS_PREFIX
+from statelesslb.sandbox.processes import (
     CommandError,
     ProcessRecord,
-    Sandbox,
     SandboxError,
     parse_ctl_json,
     wait_until,
@@ -62,15 +62,10 @@ from statelesslb.sandbox.core import (
 from statelesslb.sandbox.topology import Topology, Vm, build_lb_topology
 
 LOG = logging.getLogger(__name__)
-
-NS_PREFIX = "slb-"
-LINK_PREFIX = "sl"
 MTU = 1400
 HTTP_PORT = 8080
 ECHO_PORT = 7007
 TCPAPPS = str(Path(__file__).with_name("tcpapps.py"))
-ETC_NETNS = Path("/etc/netns")
-_RUN_ID_RE = re.compile(r"^[0-9a-f]{6}$")
 # Offloads OVS 3.1's userspace datapath cannot finish for a packet it forwards.
 _OFFLOADS_OFF = ("tx-checksum-ipv4", "tx-checksum-ip-generic", "tx-checksum-ipv6",
                  "tx-checksum-sctp", "tx-tcp-segmentation", "tx-tcp-ecn-segmentation",
@@ -454,74 +449,3 @@ def build_real_topology(sb: Sandbox, vms: int = 3, **kwargs: Any) -> tuple[Topol
     topo = build_lb_topology(sb, vms, client_ip=client_ip,
                              bind_vm=lambda vm: lab.add_vm(plan, vm), **kwargs)
     return topo, lab
-
-
-def _owned(name: str, run_id: str, kind: str) -> bool:
-    if not _RUN_ID_RE.match(run_id or ""):
-        return False
-    prefix = f"{NS_PREFIX}{run_id}-" if kind == "netns" else f"{LINK_PREFIX}{run_id}"
-    return name.startswith(prefix)
-
-
-def cleanup(sb: Sandbox) -> list[str]:
-    """Remove the namespaces and veths recorded in `sb.netns` (and nothing else).
-
-    Called by Sandbox.down() once the processes are stopped; safe to call again and
-    after a failed run (whatever does not exist is skipped). Failures are logged, never
-    raised. Returns what it removed.
-    """
-    rec = sb.netns or {}
-    run_id = rec.get("run_id", "")
-    removed: list[str] = []
-    try:
-        from pyroute2 import IPRoute, netns
-    except ImportError as exc:  # pragma: no cover - pyroute2 is a dependency
-        LOG.error("cannot remove namespaces %s: %s", rec.get("namespaces"), exc)
-        return removed
-    for link in rec.get("links", []):
-        if not _owned(link, run_id, "link"):
-            LOG.warning("not removing link %s: not of netns run %s", link, run_id)
-            continue
-        try:
-            with IPRoute() as ipr:
-                for name in (link, f"{link}p"):
-                    idx = ipr.link_lookup(ifname=name)
-                    if idx:
-                        ipr.link("del", index=idx[0])
-                        removed.append(name)
-        except Exception as exc:  # noqa: BLE001 - keep removing the rest
-            LOG.warning("cannot remove link %s: %s", link, exc)
-    try:
-        existing = set(netns.listnetns())
-    except Exception as exc:  # noqa: BLE001
-        LOG.warning("cannot list namespaces: %s", exc)
-        existing = set(rec.get("namespaces", []))
-    for name in rec.get("namespaces", []):
-        if not _owned(name, run_id, "netns"):
-            LOG.warning("not removing namespace %s: not of netns run %s", name, run_id)
-            continue
-        if (ETC_NETNS / name).is_dir():
-            shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
-        if name not in existing:
-            continue
-        try:
-            netns.remove(name)
-            removed.append(name)
-        except Exception as exc:  # noqa: BLE001
-            LOG.warning("cannot remove namespace %s: %s", name, exc)
-    if removed:
-        LOG.info("netns run %s: removed %s", run_id, ", ".join(removed))
-    return removed
-
-
-def leftovers(sb: Sandbox) -> list[str]:
-    """Recorded namespaces and links that still exist (empty after cleanup())."""
-    from pyroute2 import IPRoute, netns
-
-    rec = sb.netns or {}
-    existing = set(netns.listnetns())
-    left = [n for n in rec.get("namespaces", []) if n in existing]
-    left += [str(ETC_NETNS / n) for n in rec.get("namespaces", []) if (ETC_NETNS / n).exists()]
-    with IPRoute() as ipr:
-        left += [ln for ln in rec.get("links", []) if ipr.link_lookup(ifname=ln)]
-    return left

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ovs.flow.ofp import OFPFlow
 
-from statelesslb.openflow import InstalledGroup
+from statelesslb.openflow.ofctl import InstalledGroup
 
 
 @dataclass(frozen=True)

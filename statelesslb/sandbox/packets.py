@@ -12,7 +12,7 @@ from typing import Any
 
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import ARP, Ether
+from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 DEFAULT_TTL = 64
@@ -61,16 +61,6 @@ def udp(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, sport: int, dport:
         payload: bytes = b"x", ttl: int = DEFAULT_TTL) -> Packet:
     return (Ether(src=src_mac, dst=dst_mac) / ip_layer(src_ip, dst_ip, ttl)
             / UDP(sport=sport, dport=dport) / Raw(payload))
-
-
-def arp_request(src_mac: str, src_ip: str, target_ip: str) -> Packet:
-    return (Ether(src=src_mac, dst="ff:ff:ff:ff:ff:ff")
-            / ARP(op=1, hwsrc=src_mac, psrc=src_ip, pdst=target_ip))
-
-
-def arp_reply(src_mac: str, src_ip: str, dst_mac: str, dst_ip: str) -> Packet:
-    return (Ether(src=src_mac, dst=dst_mac)
-            / ARP(op=2, hwsrc=src_mac, psrc=src_ip, hwdst=dst_mac, pdst=dst_ip))
 
 
 def to_hex(packet: Any) -> str:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import ovs.unixctl.client
 
-from statelesslb.predict import FlowTuple, bucket_hash16
-from statelesslb.sandbox.core import (
+from statelesslb.observe.predict import FlowTuple, bucket_hash16
+from statelesslb.sandbox.processes import (
     ProcessRecord,
-    _dir_env,
-    _proc_stat,
+    dir_env,
     find_vswitchd,
     ovs_daemon_argv,
+    proc_stat,
     stop_records,
     wait_until,
 )
@@ -49,7 +49,7 @@ class Switch:
         self.dir = rundir
         self.tools = tools
         self.extra_ports = dict(extra_ports or {})
-        self.env = {**os.environ, **_dir_env(rundir)}
+        self.env = {**os.environ, **dir_env(rundir)}
         self.procs: list[ProcessRecord] = []
         self.ctl = f"{rundir}/ovs-vswitchd.ctl"
         self.mgmt = f"unix:{rundir}/br0.mgmt"
@@ -66,7 +66,7 @@ class Switch:
         name = Path(program).name
         self.run(*ovs_daemon_argv(program, self.dir, *args))
         pid = int((self.dir / f"{name}.pid").read_text().split()[0])
-        stat = _proc_stat(pid)
+        stat = proc_stat(pid)
         self.procs.append(ProcessRecord(name, pid, stat.start_time if stat else None,
                                         [program]))
 

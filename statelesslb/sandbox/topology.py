@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from statelesslb.sandbox.core import CommandError, Sandbox, SandboxError, wait_until
+from statelesslb.sandbox.core import Sandbox
+from statelesslb.sandbox.processes import CommandError, SandboxError, wait_until
 
 
 @dataclass(frozen=True)

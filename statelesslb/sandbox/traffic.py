@@ -9,16 +9,19 @@ import json
 import re
 from dataclasses import dataclass
 
-from statelesslb.model import EXT_BUCKETS, EXT_STATUS, EXT_VIP_IDS
-from statelesslb.openflow import COOKIE_MASK, InstalledGroup, Ofctl, parse_groups
+from statelesslb.nb.model import EXT_BUCKETS, EXT_STATUS, EXT_VIP_IDS
+from statelesslb.openflow.ofctl import InstalledGroup, Ofctl, parse_groups
+from statelesslb.plan.specs import our_cookies
 from statelesslb.sandbox import packets as P
-from statelesslb.sandbox.core import Chassis, Sandbox, parse_ctl_json, wait_until
+from statelesslb.sandbox.chassis import Chassis
+from statelesslb.sandbox.core import Sandbox
 from statelesslb.sandbox.ovsread import cross_check, read_groups
+from statelesslb.sandbox.processes import parse_ctl_json, wait_until
 from statelesslb.sandbox.topology import Topology, Vm
 
 COOKIE_PREFIX = 0x51B0
 GROUP_BASE = 0x70000000
-OUR_COOKIES = f"cookie={COOKIE_PREFIX << 48:#x}/{COOKIE_MASK:#x}"
+OUR_COOKIES = our_cookies(COOKIE_PREFIX)
 _STATS_RE = re.compile(r"(duration|n_packets|n_bytes|idle_age|hard_age)=[^,\s]*,?\s*")
 
 
@@ -43,6 +46,8 @@ def lb_status(sb: Sandbox, name: str) -> str | None:
 
 def lb_ids(sb: Sandbox, name: str) -> tuple[dict[str, int], dict[str, int]]:
     ext = lb_external_ids(sb, name)
+    # Plain json, not the product's reader (nb.stored.stored_ids): the tests read
+    # the NB on their own, so that a bug in that reader cannot cancel out.
     return json.loads(ext.get(EXT_VIP_IDS, "{}")), json.loads(ext.get(EXT_BUCKETS, "{}"))
 
 

@@ -12,10 +12,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from statelesslb.acks import EXT_INSTALLED, parse_installed
-from statelesslb.model import EXT_PREVIOUS
+from statelesslb.nb.acks import EXT_INSTALLED, parse_installed
+from statelesslb.nb.model import EXT_PREVIOUS
 from statelesslb.sandbox import agents
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.traffic import (
     broken,
     create_lb,

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from statelesslb.diff import diff_lines
-from statelesslb.openflow import InstalledState, Ofctl, parse_groups
-from statelesslb.planner import BUCKET_WEIGHT, GROUP_FIELDS, GroupSpec, Plan
-from statelesslb.predict import bucket_hash16, flow_basis
+from statelesslb.observe.predict import bucket_hash16, flow_basis
+from statelesslb.openflow.diff import diff_lines
+from statelesslb.openflow.ofctl import InstalledState, Ofctl, parse_groups
+from statelesslb.plan.specs import BUCKET_WEIGHT, GROUP_FIELDS, GroupSpec, Plan
 from statelesslb.sandbox.ovsread import cross_check, read_groups
 from statelesslb.sandbox.switch import Switch, find_tools, random_tuples
 

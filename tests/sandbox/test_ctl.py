@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from statelesslb.predict import FlowTuple, predict_bucket
+from statelesslb.nb.weights import SLOT_BASE, slot_ids
+from statelesslb.observe.predict import FlowTuple, predict_bucket
 from statelesslb.sandbox import Sandbox, Topology, wait_until
 from statelesslb.sandbox import packets as P
 from statelesslb.sandbox.agents import start_agents, stop_agent, wait_agents_ready
@@ -27,7 +28,6 @@ from statelesslb.sandbox.traffic import (
     our_flows,
     our_groups,
 )
-from statelesslb.weights import SLOT_BASE, slot_ids
 
 pytestmark = pytest.mark.sandbox
 
@@ -51,7 +51,7 @@ class Run:
 
 
 def ctl(*args: str, timeout: float = 30) -> Run:
-    proc = subprocess.run([sys.executable, "-m", "statelesslb.ctl", *args],
+    proc = subprocess.run([sys.executable, "-m", "statelesslb.cli.ctl", *args],
                           capture_output=True, text=True, timeout=timeout)
     return Run(proc.returncode, proc.stdout, proc.stderr)
 

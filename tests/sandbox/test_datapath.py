@@ -11,7 +11,7 @@ from scapy.layers.inet import IP
 
 from statelesslb.sandbox import agents
 from statelesslb.sandbox import packets as P
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.traffic import (
     GROUP_BASE,
     conntrack_lines,

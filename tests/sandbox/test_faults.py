@@ -11,7 +11,7 @@ import time
 import pytest
 
 from statelesslb.sandbox import agents
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.topology import wait_bound
 from statelesslb.sandbox.traffic import (
     GROUP_BASE,

@@ -6,7 +6,7 @@ import pytest
 
 from statelesslb.sandbox import agents
 from statelesslb.sandbox import packets as P
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.topology import add_second_dgp
 from statelesslb.sandbox.traffic import (
     conntrack_lines,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from statelesslb.predict import FlowTuple, predict_bucket
+from statelesslb.observe.predict import FlowTuple, predict_bucket
 from statelesslb.sandbox import agents
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.traffic import (
     GROUP_BASE,
     Conn,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from statelesslb.hashing import DEFAULT_HASH, HashClasses
-from statelesslb.planner import BUCKET_WEIGHT, GROUP_FIELDS
-from statelesslb.predict import FlowTuple, bucket_scores, flow_basis, predict_bucket
+from statelesslb.nb.hashing import DEFAULT_HASH, HashClasses
+from statelesslb.observe.predict import FlowTuple, bucket_scores, flow_basis, predict_bucket
+from statelesslb.plan.specs import BUCKET_WEIGHT, GROUP_FIELDS
 from statelesslb.sandbox.switch import Switch, find_tools, random_tuples, tied_bucket_ids
 
 pytestmark = pytest.mark.sandbox

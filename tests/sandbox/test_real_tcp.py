@@ -16,9 +16,10 @@ import time
 
 import pytest
 
-from statelesslb.sandbox import agents
+from statelesslb.sandbox import agents, namespaces
 from statelesslb.sandbox import netns as N
-from statelesslb.sandbox.core import Sandbox, wait_until
+from statelesslb.sandbox.core import Sandbox
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.topology import Topology, wait_bound
 from statelesslb.sandbox.traffic import (
     GROUP_BASE,
@@ -396,15 +397,15 @@ def test_down_removes_only_its_own_namespaces(sandbox_run_dir):
     plan = Topology(physnet=sb.physnet, client_mac=sb.client_mac)
     lab.add_client(plan)
     proc = lab.start("client", "sleeper", ["sleep", "300"])
-    decoy = f"{N.NS_PREFIX}{lab.run_id[:5]}x-client"  # looks alike, is not ours
+    decoy = f"{namespaces.NS_PREFIX}{lab.run_id[:5]}x-client"  # looks alike, is not ours
     netns.create(decoy)
     try:
         names = set(sb.netns["namespaces"]) | set(sb.netns["links"])
-        assert N.leftovers(sb) and set(N.leftovers(sb)) <= names | {
-            str(N.ETC_NETNS / n) for n in names}
+        assert namespaces.leftovers(sb.netns) and set(namespaces.leftovers(sb.netns)) <= names | {
+            str(namespaces.ETC_NETNS / n) for n in names}
         Sandbox.load(sandbox_run_dir).down()  # a fresh object: only the manifest
         assert not proc.running()
-        assert N.leftovers(sb) == []
+        assert namespaces.leftovers(sb.netns) == []
         assert decoy in netns.listnetns()
         assert Sandbox.load(sandbox_run_dir).down() == []  # idempotent
     finally:

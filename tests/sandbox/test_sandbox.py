@@ -21,7 +21,7 @@ from statelesslb.sandbox import (
     Sandbox,
     SandboxError,
     Topology,
-    core,
+    processes,
     wait_until,
 )
 from statelesslb.sandbox import packets as P
@@ -148,7 +148,7 @@ def test_restarts_keep_ports_and_tunnels_working(sandbox: Sandbox, topo: Topolog
     old = hv1.pid_of("ovs-vswitchd")
     hv1.restart_vswitchd()
     assert hv1.pid_of("ovs-vswitchd") != old
-    assert sandbox.is_running("hv1/ovs-vswitchd") and not core.pid_alive(old)
+    assert sandbox.is_running("hv1/ovs-vswitchd") and not processes.pid_alive(old)
     roundtrip(sandbox, topo, 42000)
 
     old = gw1.pid_of("ovn-controller")
@@ -193,7 +193,7 @@ def test_errors_are_clear(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> 
 
     bogus = sandbox.run_dir / "bogus"
     bogus.mkdir()
-    argv = core.ovs_daemon_argv(sandbox.bin["ovsdb-server"], bogus, f"{bogus}/none.db")
+    argv = processes.ovs_daemon_argv(sandbox.bin["ovsdb-server"], bogus, f"{bogus}/none.db")
     with pytest.raises(DaemonFailedError, match="bogus/ovsdb-server failed to start"):
         sandbox.start_process("bogus/ovsdb-server", argv, pidfile=f"{bogus}/ovsdb-server.pid",
                               log=f"{bogus}/ovsdb-server.log")
@@ -202,9 +202,9 @@ def test_errors_are_clear(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(SandboxError, match="too long for unix sockets"):
         Sandbox(Path("/tmp") / ("x" * 100)).check_paths()
 
-    monkeypatch.setattr(core, "_TOOLS", (*core._TOOLS, "no-such-ovs-tool"))
+    monkeypatch.setattr(processes, "_TOOLS", (*processes._TOOLS, "no-such-ovs-tool"))
     with pytest.raises(BinaryNotFoundError, match="scripts/setup"):
-        core.Binaries.find()
+        processes.Binaries.find()
 
 
 def test_start_process_without_detach_stops_its_whole_group(sandbox: Sandbox) -> None:
@@ -218,22 +218,22 @@ def test_start_process_without_detach_stops_its_whole_group(sandbox: Sandbox) ->
     assert rec.pgid == rec.pid and rec.pid in members
     assert sandbox.is_running("sleeper/sh")
     assert sandbox.stop_process("sleeper/sh")
-    assert not [p for p in members if core.pid_alive(p)]
+    assert not [p for p in members if processes.pid_alive(p)]
     assert not sandbox.is_running("sleeper/sh")
     assert sandbox.stop_process("sleeper/sh") is False
 
 
 def _group_members(sandbox: Sandbox, name: str) -> list[int]:
-    return list(core.live_group_members(sandbox.processes[name].pgid))
+    return list(processes.live_group_members(sandbox.processes[name].pgid))
 
 
 def test_down_leaves_no_process(sandbox_run_dir: Path) -> None:
     sbx = Sandbox(sandbox_run_dir, gateways=1, hypervisors=1)
     with sbx:
         pids = dict(sbx.pids)
-        assert len(pids) == 11 and all(core.pid_alive(p) for p in pids.values())
+        assert len(pids) == 11 and all(processes.pid_alive(p) for p in pids.values())
         assert sbx.timings["registered"] > 0
-    alive = {n: p for n, p in pids.items() if core.pid_alive(p)}
+    alive = {n: p for n, p in pids.items() if processes.pid_alive(p)}
     assert not alive
     recorded = json.loads((sandbox_run_dir / "sandbox.json").read_text())["pids"]
     assert recorded == pids
@@ -258,14 +258,14 @@ def test_cli_up_status_down(sandbox_run_dir: Path) -> None:
     assert st["running"] and set(st["chassis"]) == {"gw1", "hv1"}
     assert all(c["registered"] for c in st["chassis"].values())
     pids = json.loads((sandbox_run_dir / "sandbox.json").read_text())["pids"]
-    assert pids and all(core.pid_alive(p) for p in pids.values())
+    assert pids and all(processes.pid_alive(p) for p in pids.values())
 
     r = _cli("up", "--dir", d)
     assert r.returncode == 1 and "in use" in r.stderr and "Traceback" not in r.stderr
 
     r = _cli("down", "--dir", d)
     assert r.returncode == 0, r.stderr
-    assert not [p for p in pids.values() if core.pid_alive(p)]
+    assert not [p for p in pids.values() if processes.pid_alive(p)]
 
     r = _cli("down", "--dir", d)
     assert r.returncode == 0 and "nothing runs" in r.stderr
@@ -285,10 +285,10 @@ def test_cli_up_with_agents(sandbox_run_dir: Path) -> None:
         doc = json.loads((sandbox_run_dir / "sandbox.json").read_text())
         assert set(doc["agents"]) == {"gw1", "hv1"}
         pids = [a["pid"] for a in doc["agents"].values()]
-        assert all(core.pid_alive(p) for p in pids)
+        assert all(processes.pid_alive(p) for p in pids)
         for name, info in doc["agents"].items():
             assert f"statelesslb-ctl --socket {info['ctl']} status" in r.stderr
-            ctl = subprocess.run([sys.executable, "-m", "statelesslb.ctl", "--socket",
+            ctl = subprocess.run([sys.executable, "-m", "statelesslb.cli.ctl", "--socket",
                                   info["ctl"], "--format", "json", "status"],
                                  capture_output=True, text=True, timeout=30, check=False)
             assert ctl.returncode == 0, ctl.stderr
@@ -297,7 +297,7 @@ def test_cli_up_with_agents(sandbox_run_dir: Path) -> None:
     finally:
         r = _cli("down", "--dir", d)
     assert r.returncode == 0, r.stderr
-    assert not [p for p in pids if core.pid_alive(p)]
+    assert not [p for p in pids if processes.pid_alive(p)]
 
 
 def test_read_pcap_ignores_a_partial_last_record(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from statelesslb.sandbox import agents
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.traffic import create_lb, find_arrival, send_syn, wait_lb_ready
 
 TOPOLOGY_KWARGS = {"vms": 2}

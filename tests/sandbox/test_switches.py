@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from statelesslb.predict import FlowTuple, predict_bucket
+from statelesslb.observe.predict import FlowTuple, predict_bucket
 from statelesslb.sandbox import agents
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.topology import add_backend_switch, wait_bound
 from statelesslb.sandbox.traffic import (
     GROUP_BASE,

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from statelesslb.buckets import reconcile_nb
-from statelesslb.model import (
+from statelesslb.nb.bucket_ids import reconcile_nb
+from statelesslb.nb.model import (
     MODE_MAC,
     MODE_OPTION,
     PERSISTENCE_OPTION,

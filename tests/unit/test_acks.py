@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from statelesslb.acks import (
+from statelesslb.nb.acks import (
     EXT_INSTALLED,
     ack_state,
     acknowledges,
@@ -13,8 +13,8 @@ from statelesslb.acks import (
     installed_previous,
     parse_installed,
 )
-from statelesslb.buckets import NbReconciler, reconcile_nb
-from statelesslb.model import (
+from statelesslb.nb.bucket_ids import NbReconciler, reconcile_nb
+from statelesslb.nb.model import (
     EXT_ACTIVE,
     EXT_PREVIOUS,
     EXT_STATUS,

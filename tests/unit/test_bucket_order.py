@@ -13,9 +13,9 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from statelesslb.diff import diff_lines, in_canonical_order
-from statelesslb.openflow import InstalledGroup, InstalledState
-from statelesslb.planner import GROUP_FIELDS, GroupSpec, Plan
+from statelesslb.openflow.diff import diff_lines, in_canonical_order
+from statelesslb.openflow.ofctl import InstalledGroup, InstalledState
+from statelesslb.plan.specs import GROUP_FIELDS, GroupSpec, Plan
 
 GID = 0x70000001
 HEADER = f"type=select,selection_method=hash,{GROUP_FIELDS}"
@@ -97,3 +97,24 @@ def test_any_history_ends_in_the_order_of_a_fresh_install(history, shuffle):
         want = spec({b: f"output:{t}" for b, t in buckets.items()})
         have, _ = converge(have, want)
         assert have == as_list(want)   # what `group add` of `want` lists, in its order
+
+
+def test_buckets_are_compared_by_meaning_not_spelling():
+    """A bucket that OVS prints back otherwise (3 for 0x3, a MAC without its leading
+    zeros) does the same: no bundle line. One that does something else is replaced."""
+    want = spec({1: "set_field:00:00:00:00:ff:02->eth_src,set_field:0x3->reg15,"
+                    "resubmit(,37)",
+                 2: "set_field:00:00:00:00:ff:02->eth_src,set_field:0x4->reg15,"
+                    "resubmit(,37)"})
+    respelled = [(1, "weight:100,actions=set_field:0:0:0:0:ff:2->eth_src,set_field:3->reg15,"
+                     "resubmit(,37)"),
+                 (2, "weight:100,actions=set_field:00:00:00:00:ff:02->eth_src,"
+                     "set_field:4->reg15,resubmit(,37)")]
+    have, lines = converge(respelled, want)
+    assert lines == [] and have == respelled
+    changed = [respelled[0], (2, respelled[1][1].replace("set_field:4->reg15",
+                                                        "set_field:5->reg15"))]
+    have, lines = converge(changed, want)
+    assert [b for b, _ in have] == [1, 2]
+    assert lines[0] == f"group remove_bucket group_id={GID},command_bucket_id=2"
+    assert len(lines) == 2 and "bucket_id:2," in lines[1] and "0x4->reg15" in lines[1]

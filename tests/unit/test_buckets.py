@@ -6,18 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from statelesslb.buckets import (
-    MAX_BUCKET_ID,
-    IdSpaceExhausted,
-    allocate_ids,
-    dump_drain,
-    dump_id_map,
-    parse_drain,
-    parse_drain_checked,
-    parse_id_map,
-    reconcile_nb,
-)
-from statelesslb.model import (
+from statelesslb.nb.bucket_ids import IdSpaceExhausted, allocate_ids, reconcile_nb
+from statelesslb.nb.model import (
     EXT_ACTIVE,
     EXT_BUCKETS,
     EXT_DRAIN,
@@ -25,6 +15,14 @@ from statelesslb.model import (
     EXT_STATUS,
     EXT_VIP_IDS,
     PERSISTENCE_OPTION,
+)
+from statelesslb.nb.stored import (
+    MAX_BUCKET_ID,
+    dump_drain,
+    dump_id_map,
+    parse_drain,
+    parse_drain_checked,
+    parse_id_map,
 )
 
 from .factories import basic_topo

@@ -12,14 +12,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from statelesslb import ctl, ctlserver
-from statelesslb.diff import state_after
-from statelesslb.hashing import DEFAULT_HASH, HASH_OPTION
-from statelesslb.model import EXT_DRAIN, EXT_PREVIOUS, PERSISTENCE_OPTION
-from statelesslb.openflow import parse_groups
-from statelesslb.planner import GROUP_FIELDS, PlanConfig, plan
-from statelesslb.predict import FlowTuple, bucket_scores
-from statelesslb.validate import show
+from statelesslb.agent import control
+from statelesslb.cli import clients, ctl, drain, errors, render
+from statelesslb.nb.hashing import DEFAULT_HASH, HASH_OPTION
+from statelesslb.nb.model import EXT_DRAIN, EXT_PREVIOUS, PERSISTENCE_OPTION
+from statelesslb.nb.parse import show
+from statelesslb.observe import reports, trace
+from statelesslb.observe.predict import FlowTuple, bucket_scores
+from statelesslb.openflow.diff import state_after
+from statelesslb.openflow.ofctl import parse_groups
+from statelesslb.plan.planner import plan
+from statelesslb.plan.specs import GROUP_FIELDS, PlanConfig
 
 from .factories import Topo, basic_topo
 
@@ -107,9 +110,9 @@ def test_endpoints_are_canonical(text: str, want: str) -> None:
     ("fd00::11:80", "has no port"),
 ])
 def test_bad_endpoints_are_usage_errors(text: str, reason: str) -> None:
-    with pytest.raises(ctl.CtlError) as info:
+    with pytest.raises(errors.CtlError) as info:
         ctl.check_endpoint(text, "BACKEND")
-    assert info.value.code == ctl.EXIT_USAGE and reason in str(info.value)
+    assert info.value.code == errors.EXIT_USAGE and reason in str(info.value)
 
 
 def test_trace_arguments_are_checked() -> None:
@@ -118,11 +121,11 @@ def test_trace_arguments_are_checked() -> None:
     for args in (("172.16.0.50,nw_dst=1.2.3.4", "1", None), ("172.16.0.50", "0", None),
                  ("172.16.0.50", "1e3", None), ("172.16.0.50", "80", "sctp"),
                  ("172.16.0.50/32", "80", None)):
-        with pytest.raises(ctl.CtlError) as info:
+        with pytest.raises(errors.CtlError) as info:
             ctl.check_trace_args(*args)
-        assert info.value.code == ctl.EXIT_USAGE
+        assert info.value.code == errors.EXIT_USAGE
     for ref in ("", "a\nb", "x" * 256):
-        with pytest.raises(ctl.CtlError):
+        with pytest.raises(errors.CtlError):
             ctl.check_lb_ref(ref)
 
 
@@ -133,40 +136,40 @@ VIPS = {"172.16.0.100:80": "10.0.0.11:8080,10.0.0.12:8080",
 
 
 def test_drain_adds_and_undrain_removes() -> None:
-    edit = ctl.edit_drain("lb1", VIPS, None, "10.0.0.11:8080", drain=True)
+    edit = drain.edit_drain("lb1", VIPS, None, "10.0.0.11:8080", drain=True)
     assert (edit.drain, edit.changed, edit.dropped) == (["10.0.0.11:8080"], True, [])
-    again = ctl.edit_drain("lb1", VIPS, '["10.0.0.11:8080"]', "10.0.0.11:8080", drain=True)
+    again = drain.edit_drain("lb1", VIPS, '["10.0.0.11:8080"]', "10.0.0.11:8080", drain=True)
     assert again.changed is False
-    back = ctl.edit_drain("lb1", VIPS, '["10.0.0.11:8080"]', "10.0.0.11:8080", drain=False)
+    back = drain.edit_drain("lb1", VIPS, '["10.0.0.11:8080"]', "10.0.0.11:8080", drain=False)
     assert (back.drain, back.changed) == ([], True)
     # A drain entry for a backend that left the LB can still be cleaned up.
-    gone = ctl.edit_drain("lb1", VIPS, '["10.0.0.99:80"]', "10.0.0.99:80", drain=False)
+    gone = drain.edit_drain("lb1", VIPS, '["10.0.0.99:80"]', "10.0.0.99:80", drain=False)
     assert (gone.drain, gone.changed) == ([], True)
 
 
 def test_drain_refuses_unknown_backends_and_empty_vips() -> None:
-    with pytest.raises(ctl.CtlError, match=r"10.0.0.13:8080 is not a backend of lb1 "
+    with pytest.raises(errors.CtlError, match=r"10.0.0.13:8080 is not a backend of lb1 "
                        r"\(its backends: 10.0.0.11:8080, 10.0.0.12:8080\)"):
-        ctl.edit_drain("lb1", VIPS, None, "10.0.0.13:8080", drain=True)
+        drain.edit_drain("lb1", VIPS, None, "10.0.0.13:8080", drain=True)
     # 10.0.0.12 is the only backend of the second VIP.
-    with pytest.raises(ctl.CtlError, match="would leave VIP 172.16.0.101:80 of lb1 with no"):
-        ctl.edit_drain("lb1", VIPS, None, "10.0.0.12:8080", drain=True)
-    forced = ctl.edit_drain("lb1", VIPS, None, "10.0.0.12:8080", drain=True, force=True)
+    with pytest.raises(errors.CtlError, match="would leave VIP 172.16.0.101:80 of lb1 with no"):
+        drain.edit_drain("lb1", VIPS, None, "10.0.0.12:8080", drain=True)
+    forced = drain.edit_drain("lb1", VIPS, None, "10.0.0.12:8080", drain=True, force=True)
     assert forced.drain == ["10.0.0.12:8080"]
-    with pytest.raises(ctl.CtlError, match="neither drained nor a backend"):
-        ctl.edit_drain("lb1", VIPS, None, "10.0.0.99:80", drain=False)
+    with pytest.raises(errors.CtlError, match="neither drained nor a backend"):
+        drain.edit_drain("lb1", VIPS, None, "10.0.0.99:80", drain=False)
 
 
 def test_malformed_drain_entries_are_dropped_and_reported() -> None:
-    edit = ctl.edit_drain("lb1", VIPS, '["10.0.0.11:8080", "junk", 7]', "10.0.0.11:8080",
+    edit = drain.edit_drain("lb1", VIPS, '["10.0.0.11:8080", "junk", 7]', "10.0.0.11:8080",
                           drain=True)
     assert edit.drain == ["10.0.0.11:8080"] and edit.changed is True
     assert edit.dropped == ["junk", "7"]
-    edit = ctl.edit_drain("lb1", VIPS, "{not json", "10.0.0.11:8080", drain=True)
+    edit = drain.edit_drain("lb1", VIPS, "{not json", "10.0.0.11:8080", drain=True)
     assert edit.dropped == ["'{not json'"]
     # Too deep for json.loads (RecursionError): as malformed as any other text.
     deep = "[" * 100_000
-    edit = ctl.edit_drain("lb1", VIPS, deep, "10.0.0.11:8080", drain=True)
+    edit = drain.edit_drain("lb1", VIPS, deep, "10.0.0.11:8080", drain=True)
     assert edit.drain == ["10.0.0.11:8080"] and edit.dropped == [show(deep)]
 
 
@@ -189,7 +192,7 @@ TRACE_KEYS = {"chassis", "lb", "lb_uuid", "vip", "protocol", "source", "group_id
 
 def test_lb_show_document() -> None:
     topo, snapshot, the_plan = gateway_state()
-    doc = ctlserver.lb_show_doc(snapshot, the_plan, CONFIG, "lb0")
+    doc = reports.lb_show_doc(snapshot, the_plan, CONFIG, "lb0")
     assert set(doc) == LB_SHOW_KEYS
     assert doc["gateway_ports"] == [{"name": "lr0-public", "chassis": "gw1", "here": True}]
     assert list(doc["agent"]["roles"]) == ["gateway"] and doc["router"] == "lr0"
@@ -203,7 +206,7 @@ def test_lb_show_document() -> None:
         ("10.0.0.11:8080", 1, "50:54:00:00:00:01", "vm1", "hv1", True),
         ("10.0.0.12:8080", 2, "50:54:00:00:00:02", "vm2", "hv2", True)]
     # The same LB by UUID, from a hypervisor: no group there.
-    doc = ctlserver.lb_show_doc(topo.snapshot("hv1"), plan(topo.snapshot("hv1"), CONFIG),
+    doc = reports.lb_show_doc(topo.snapshot("hv1"), plan(topo.snapshot("hv1"), CONFIG),
                                 CONFIG, "uuid-lb-lb0")
     assert doc["vips"][0]["group_here"] is False
     assert {b["in_group"] for b in doc["vips"][0]["backends"]} == {None}
@@ -213,7 +216,7 @@ def test_lb_show_of_an_invalid_lb_still_lists_its_vips() -> None:
     topo, _, _ = gateway_state()
     topo.update_lb("lb0", protocol="sctp")
     snapshot = topo.snapshot("gw1")
-    doc = ctlserver.lb_show_doc(snapshot, plan(snapshot, CONFIG), CONFIG, "lb0")
+    doc = reports.lb_show_doc(snapshot, plan(snapshot, CONFIG), CONFIG, "lb0")
     assert doc["agent"]["state"] == "error" and "sctp" in doc["agent"]["message"]
     assert doc["router"] is None
     assert [b["backend"] for b in doc["vips"][0]["backends"]] == ["10.0.0.11:8080",
@@ -224,23 +227,23 @@ def test_lb_show_of_an_invalid_lb_still_lists_its_vips() -> None:
 def test_lookup_errors() -> None:
     topo, snapshot, _ = gateway_state()
     with pytest.raises(ValueError, match="no load balancer named nope in the NB"):
-        ctlserver.find_lb(snapshot, "nope")
+        reports.find_lb(snapshot, "nope")
     topo.add_lb("plain", {"172.16.0.9:80": "10.0.0.11:80"}, marked=False)
     topo.add_lb("twin", {"172.16.0.7:80": "10.0.0.11:80"})
     topo.load_balancers["uuid-lb-twin2"] = topo.lb("twin").__class__(
         "uuid-lb-twin2", "twin", None, {"172.16.0.8:80": "10.0.0.12:80"})
     snapshot = topo.snapshot("gw1")
     with pytest.raises(ValueError, match="plain is not stateless"):
-        ctlserver.find_lb(snapshot, "plain")
+        reports.find_lb(snapshot, "plain")
     with pytest.raises(ValueError, match=r"2 load balancers are named twin: give one of "
                        r"their UUIDs \(uuid-lb-twin, uuid-lb-twin2\)"):
-        ctlserver.find_lb(snapshot, "twin", marked=False)
-    assert ctlserver.find_lb(snapshot, "uuid-lb-twin2", marked=False).name == "twin"
+        reports.find_lb(snapshot, "twin", marked=False)
+    assert reports.find_lb(snapshot, "uuid-lb-twin2", marked=False).name == "twin"
 
 
 def test_group_stats_are_by_position() -> None:
-    stats = ctlserver.parse_group_stats(STATS_DUMP)
-    assert stats[GID] == ctlserver.GroupStats(6, 360, ((1, 60), (2, 120), (3, 180)))
+    stats = reports.parse_group_stats(STATS_DUMP)
+    assert stats[GID] == reports.GroupStats(6, 360, ((1, 60), (2, 120), (3, 180)))
     assert stats[1].buckets == ((5, 300),)
 
 
@@ -267,8 +270,8 @@ def test_groups_document_maps_positions_to_bucket_ids() -> None:
     dump = (f" group_id={GID},{header},bucket=bucket_id:2,{DUMPED_BUCKET[2]},"
             f"bucket=bucket_id:1,{DUMPED_BUCKET[1]}\n")
     installed = parse_groups(dump, CONFIG.group_id_base, CONFIG.group_id_base + 0xFFFFFFF)
-    stats = {GID: ctlserver.GroupStats(10, 600, ((7, 420), (3, 180)))}
-    doc = ctlserver.groups_doc(snapshot, the_plan, CONFIG, installed, stats)
+    stats = {GID: reports.GroupStats(10, 600, ((7, 420), (3, 180)))}
+    doc = reports.groups_doc(snapshot, the_plan, CONFIG, installed, stats)
     (g,) = doc["groups"]
     assert set(g) == GROUP_KEYS and g["in_plan"] and not g["in_sync"]
     assert (g["lb"], g["vip"], g["vip_id"], g["packet_count"]) == ("lb0", "172.16.0.100:80",
@@ -281,26 +284,26 @@ def test_groups_document_maps_positions_to_bucket_ids() -> None:
     # In canonical order, what OVS prints equals the plan.
     ordered = (f" group_id={GID},{header},bucket=bucket_id:1,{DUMPED_BUCKET[1]},"
                f"bucket=bucket_id:2,{DUMPED_BUCKET[2]}\n")
-    doc = ctlserver.groups_doc(snapshot, the_plan, CONFIG,
+    doc = reports.groups_doc(snapshot, the_plan, CONFIG,
                                parse_groups(ordered, GID, GID), {})
     assert doc["groups"][0]["in_sync"]
     # A group of ours that no LB owns any more is shown, flagged.
     stale = parse_groups(dump.replace(str(GID), str(GID + 5)), GID, GID + 10)
-    doc = ctlserver.groups_doc(snapshot, the_plan, CONFIG, stale, {})
+    doc = reports.groups_doc(snapshot, the_plan, CONFIG, stale, {})
     assert doc["groups"][0]["lb"] is None and doc["groups"][0]["in_plan"] is False
 
 
 def test_groups_document_of_an_lb_elsewhere_says_where() -> None:
     topo, _, _ = gateway_state()
     snapshot = topo.snapshot("hv1")
-    doc = ctlserver.groups_doc(snapshot, plan(snapshot, CONFIG), CONFIG, {}, {}, "lb0")
+    doc = reports.groups_doc(snapshot, plan(snapshot, CONFIG), CONFIG, {}, {}, "lb0")
     assert doc == {"chassis": "hv1", "lb": "lb0", "groups": [], "notes": [
         "hv1 is not an active gateway of lb0 (cr-lr0-public is on gw1)"]}
 
 
 def test_trace_request_builds_the_intercepted_packet() -> None:
     topo, snapshot, the_plan = gateway_state()
-    req = ctlserver.trace_request(snapshot, the_plan, CONFIG,
+    req = trace.trace_request(snapshot, the_plan, CONFIG,
                                   ["lb0", "172.16.0.50", "40000", "tcp"])
     dgp_key = topo.port_bindings["lr0-public"].tunnel_key
     assert req.flow == (
@@ -310,7 +313,7 @@ def test_trace_request_builds_the_intercepted_packet() -> None:
     assert req.actions == "resubmit(,13)" and req.group_id == GID
     assert req.source == "172.16.0.50:40000" and req.vip_key == "172.16.0.100:80"
     # No PROTO: the LB's own.
-    assert ctlserver.trace_request(snapshot, the_plan, CONFIG,
+    assert trace.trace_request(snapshot, the_plan, CONFIG,
                                    ["lb0", "172.16.0.50", "40000", ""]) == req
 
 
@@ -323,7 +326,7 @@ def test_trace_request_takes_inport_and_mac_from_one_local_dgp() -> None:
     topo.assign_ids()
     for chassis, dgp in (("gw1", "lr0-public"), ("gw2", "lr0-public2")):
         snapshot = topo.snapshot(chassis)
-        req = ctlserver.trace_request(snapshot, plan(snapshot, CONFIG), CONFIG,
+        req = trace.trace_request(snapshot, plan(snapshot, CONFIG), CONFIG,
                                       ["lb0", "172.16.0.50", "40000", "tcp"])
         key = topo.port_bindings[dgp].tunnel_key
         mac = topo.router_ports[dgp].mac
@@ -345,7 +348,7 @@ def test_trace_request_refusals(argv: list[str], chassis: str, message: str) -> 
     topo, _, _ = gateway_state()
     snapshot = topo.snapshot(chassis)
     with pytest.raises(ValueError) as info:
-        ctlserver.trace_request(snapshot, plan(snapshot, CONFIG), CONFIG, argv)
+        trace.trace_request(snapshot, plan(snapshot, CONFIG), CONFIG, argv)
     assert message in str(info.value)
 
 
@@ -357,14 +360,14 @@ def test_trace_needs_a_vip_when_there_are_several() -> None:
     snapshot = topo.snapshot("gw1")
     the_plan = plan(snapshot, CONFIG)
     with pytest.raises(ValueError, match="has 2 VIPs .* choose one with --vip"):
-        ctlserver.trace_request(snapshot, the_plan, CONFIG, ["lb0", "172.16.0.50", "1", "tcp"])
-    req = ctlserver.trace_request(snapshot, the_plan, CONFIG,
+        trace.trace_request(snapshot, the_plan, CONFIG, ["lb0", "172.16.0.50", "1", "tcp"])
+    req = trace.trace_request(snapshot, the_plan, CONFIG,
                                   ["lb0", "172.16.0.50", "1", "tcp", "172.16.0.100:443"])
     assert req.flow.endswith("tp_dst=443")
 
 
 def test_trace_parsing_and_document() -> None:
-    parsed = ctlserver.parse_trace(TRACE_TEXT)
+    parsed = trace.parse_trace(TRACE_TEXT)
     assert parsed == {
         "first_table": {"table": 13, "priority": 1000, "cookie": "0x51b06430388e9861",
                         "match": "tcp,reg14=0x1,metadata=0x3,nw_dst=172.16.0.100,tp_dst=80"},
@@ -373,9 +376,9 @@ def test_trace_parsing_and_document() -> None:
         "datapath_actions": "set(eth(src=00:00:00:00:ff:02,dst=50:54:00:00:00:02)),"
                             "tnl_push(...),4"}
     snapshot, the_plan = full_tuple_state()
-    req = ctlserver.trace_request(snapshot, the_plan, CONFIG,
+    req = trace.trace_request(snapshot, the_plan, CONFIG,
                                   ["lb0", "172.16.0.50", "40000", "tcp"])
-    doc = ctlserver.trace_doc(snapshot, CONFIG, req, TRACE_TEXT)
+    doc = trace.trace_doc(snapshot, CONFIG, req, TRACE_TEXT)
     assert set(doc) == TRACE_KEYS and doc["intercepted"] is True
     assert (doc["hash_classes"], doc["hash_fields"]) == ("5-tuple", GROUP_FIELDS)
     assert doc["backend"] == {"bucket_id": 2, "backend": "10.0.0.12:8080",
@@ -387,7 +390,7 @@ def test_trace_parsing_and_document() -> None:
     assert doc["hash_impl"] == "murmur"
     # OVN's own flow matched instead of ours (cookie without our prefix).
     other = TRACE_TEXT.replace("cookie 0x51b06430388e9861", "cookie 0x4f9d2aad")
-    assert ctlserver.trace_doc(snapshot, CONFIG, req, other)["intercepted"] is False
+    assert trace.trace_doc(snapshot, CONFIG, req, other)["intercepted"] is False
 
 
 def test_hash_build_is_recognised_from_the_scores() -> None:
@@ -395,12 +398,12 @@ def test_hash_build_is_recognised_from_the_scores() -> None:
     for impl in ("murmur", "crc32"):
         for fields in (GROUP_FIELDS, DEFAULT_HASH.fields(4, "tcp")):
             scores = bucket_scores([1, 2, 3], 100, fields, packet, hash_impl=impl)
-            assert ctlserver.hash_impl_of(scores, packet, fields) == impl
+            assert trace.hash_impl_of(scores, packet, fields) == impl
     # The scores of one set of fields do not pass for another's.
     scores = bucket_scores([1, 2, 3], 100, GROUP_FIELDS, packet)
-    assert ctlserver.hash_impl_of(scores, packet, DEFAULT_HASH.fields(4, "tcp")) is None
-    assert ctlserver.hash_impl_of({1: 5, 2: 7}, packet, GROUP_FIELDS) is None
-    assert ctlserver.hash_impl_of({}, packet, GROUP_FIELDS) is None
+    assert trace.hash_impl_of(scores, packet, DEFAULT_HASH.fields(4, "tcp")) is None
+    assert trace.hash_impl_of({1: 5, 2: 7}, packet, GROUP_FIELDS) is None
+    assert trace.hash_impl_of({}, packet, GROUP_FIELDS) is None
 
 
 def test_health_problems() -> None:
@@ -408,11 +411,11 @@ def test_health_problems() -> None:
     good = {"connections": {"nb": True, "sb": True, "ovs": True}, "layout": {"output": 37},
             "last_error": None, "last_full_sync": now - 5, "flows_installed": 3,
             "flows_expected": 3, "groups_installed": 1, "groups_expected": 1}
-    assert ctlserver.health_problems(good, 60, now) == []
+    assert reports.health_problems(good, 60, now) == []
     bad = dict(good, connections={"nb": False, "sb": True, "ovs": True}, layout=None,
                last_error="bundle failed", last_full_sync=now - 500, flows_installed=2,
                nb_writer_error="NB write failed: error")
-    assert ctlserver.health_problems(bad, 60, now) == [
+    assert reports.health_problems(bad, 60, now) == [
         "not connected to the NB database",
         "OpenFlow table layout not derived yet (is ovn-controller running and connected?)",
         "last update failed: bundle failed",
@@ -420,7 +423,7 @@ def test_health_problems() -> None:
         "last full sync 500s ago (resync_interval is 60s): is the agent stuck?",
         "2 flows installed, 3 expected",
     ]
-    assert "no full sync" in ctlserver.health_problems(
+    assert "no full sync" in reports.health_problems(
         dict(good, last_full_sync=None), 60, now)[0]
 
 
@@ -429,15 +432,15 @@ def test_vswitchd_control_socket() -> None:
         return SimpleNamespace(ovs=SimpleNamespace(ovs_rundir="/run/openvswitch",
                                                    vswitchd_ctl=vswitchd_ctl))
 
-    assert ctlserver.vswitchd_ctl(conf(vswitchd_ctl="/x.ctl")) == "/x.ctl"
-    assert ctlserver.vswitchd_ctl(conf(), exists=lambda p: True) == (
+    assert control.vswitchd_ctl(conf(vswitchd_ctl="/x.ctl")) == "/x.ctl"
+    assert control.vswitchd_ctl(conf(), exists=lambda p: True) == (
         "/run/openvswitch/ovs-vswitchd.ctl")
-    assert ctlserver.vswitchd_ctl(conf(), exists=lambda p: False, read=lambda p: "1234\n") == (
+    assert control.vswitchd_ctl(conf(), exists=lambda p: False, read=lambda p: "1234\n") == (
         "/run/openvswitch/ovs-vswitchd.1234.ctl")
     with pytest.raises(ValueError, match="check \\[ovs\\] ovs_rundir"):
-        ctlserver.vswitchd_ctl(conf(), exists=lambda p: False, read=lambda p: "")
-    assert ctlserver.appctl_binary("/usr/bin/ovs-ofctl") == "/usr/bin/ovs-appctl"
-    assert ctlserver.appctl_binary("ovs-ofctl") == "ovs-appctl"
+        control.vswitchd_ctl(conf(), exists=lambda p: False, read=lambda p: "")
+    assert control.appctl_binary("/usr/bin/ovs-ofctl") == "/usr/bin/ovs-appctl"
+    assert control.appctl_binary("ovs-ofctl") == "ovs-appctl"
 
 
 def test_traces_run_the_configured_appctl(monkeypatch) -> None:
@@ -456,8 +459,8 @@ def test_traces_run_the_configured_appctl(monkeypatch) -> None:
         argvs.append(argv)
         return subprocess.CompletedProcess(argv, 0, "traced", "")
 
-    monkeypatch.setattr(ctlserver.subprocess, "run", fake_run)
-    server = ctlserver.CtlServer("/nonexistent/ctl", SimpleNamespace(conf=conf))
+    monkeypatch.setattr(control.subprocess, "run", fake_run)
+    server = control.CtlServer("/nonexistent/ctl", conf, state=None, request_resync=None)
     assert server._appctl("ofproto/trace") == "traced"
     conf.set_override("appctl_path", "/usr/local/bin/ovs-appctl", group="ovs")
     server._appctl("ofproto/trace")
@@ -470,7 +473,7 @@ def test_traces_run_the_configured_appctl(monkeypatch) -> None:
 
 
 def test_format_table() -> None:
-    text = ctl.format_table(("A", "LONGER"), [("x", None), ("yyyy", [1, 2]), (True, "")])
+    text = render.format_table(("A", "LONGER"), [("x", None), ("yyyy", [1, 2]), (True, "")])
     assert text.splitlines() == ["A     LONGER", "x     -", "yyyy  1,2", "yes"]
 
 
@@ -486,7 +489,7 @@ STATUS = {
 
 
 def test_render_status() -> None:
-    text = ctl.render_status(STATUS)
+    text = render.render_status(STATUS)
     lines = dict(line.split(None, 1) if "  " not in line else
                  (line[:19].strip(), line[19:]) for line in text.splitlines())
     assert lines["health"] == "ok"
@@ -498,7 +501,7 @@ def test_render_status() -> None:
     assert lines["last change took"] == "9.8 ms (read_nb 0.2, plan 0.5, bundle 9.1)"
     sick = dict(STATUS, healthy=False, problems=["not connected to the SB database"],
                 connections={"nb": True, "sb": False, "ovs": True})
-    text = ctl.render_status(sick)
+    text = render.render_status(sick)
     assert "PROBLEMS" in text and "sb=DOWN" in text
     assert text.endswith("problem: not connected to the SB database")
 
@@ -515,7 +518,7 @@ def test_render_lb_list() -> None:
          "persistence": "affinity", "state": "pending", "message": "ids not yet assigned",
          "roles": []},
     ]}
-    assert ctl.render_lb_list(doc).splitlines() == [
+    assert render.render_lb_list(doc).splitlines() == [
         "NAME  MODE  PROTO  PERSISTENCE    VIPS             NB STATUS  ON GW1   ROLES HERE",
         "lb1   mac   tcp    second-chance  172.16.0.100:80  ok         ok       gateway",
         "lb2   mac   udp    hash           172.16.0.5:53    error      error    -",
@@ -525,12 +528,12 @@ def test_render_lb_list() -> None:
         "lb3: no NB status yet (is an NB writer agent running?)",
         "lb3: gw1: pending: ids not yet assigned",
     ]
-    assert "options:stateless_mode=mac" in ctl.render_lb_list({"load_balancers": []})
+    assert "options:stateless_mode=mac" in render.render_lb_list({"load_balancers": []})
 
 
 def test_render_lb_show() -> None:
     _, snapshot, the_plan = gateway_state()
-    text = ctl.render_lb_show(ctlserver.lb_show_doc(snapshot, the_plan, CONFIG, "lb0"))
+    text = render.render_lb_show(reports.lb_show_doc(snapshot, the_plan, CONFIG, "lb0"))
     assert text.splitlines() == [
         "load balancer lb0 (uuid-lb-lb0)",
         "  mode mac, protocol tcp, router lr0",
@@ -557,24 +560,25 @@ def test_render_groups() -> None:
         "buckets": [{"bucket_id": 2, "backend": "10.0.0.12:8080", "mac": "50:54:00:00:00:02",
                      "logical_port": "vm2", "chassis": "hv2", "packet_count": 3,
                      "byte_count": 180}]}]}
-    assert ctl.render_groups(doc).splitlines() == [
+    assert render.render_groups(doc).splitlines() == [
         f"gw1: group {GID}  lb0 VIP 172.16.0.100:80  packets 3 bytes 180  [in sync]",
         "  BUCKET  BACKEND         MAC                PORT  CHASSIS  PACKETS  BYTES",
         "  2       10.0.0.12:8080  50:54:00:00:00:02  vm2   hv2      3        180",
         "  drained (no bucket): 10.0.0.13:8080",
     ]
     doc["groups"][0].update(in_sync=False, in_plan=False)
-    assert "[NOT IN PLAN (stale)]" in ctl.render_groups(doc)
+    assert "[NOT IN PLAN (stale)]" in render.render_groups(doc)
     empty = {"chassis": "hv1", "lb": "lb0", "groups": [], "notes": ["hv1 is not ..."]}
-    assert ctl.render_groups(empty) == "no statelesslb groups of lb0 on hv1\nnote: hv1 is not ..."
+    assert render.render_groups(empty) == (
+        "no statelesslb groups of lb0 on hv1\nnote: hv1 is not ...")
 
 
 def test_render_trace() -> None:
     snapshot, the_plan = full_tuple_state()
-    req = ctlserver.trace_request(snapshot, the_plan, CONFIG,
+    req = trace.trace_request(snapshot, the_plan, CONFIG,
                                   ["lb0", "172.16.0.50", "40000", "tcp"])
-    doc = ctlserver.trace_doc(snapshot, CONFIG, req, TRACE_TEXT)
-    text = ctl.render_trace(doc)
+    doc = trace.trace_doc(snapshot, CONFIG, req, TRACE_TEXT)
+    text = render.render_trace(doc)
     assert text.splitlines() == [
         "lb0 VIP 172.16.0.100:80: tcp from 172.16.0.50:40000 on gw1",
         "  backend 10.0.0.12:8080 (bucket 2, MAC 50:54:00:00:00:02, port vm2 on hv2)",
@@ -588,23 +592,23 @@ def test_render_trace() -> None:
         "  hashed: the 5-tuple",
         "  sent through a tunnel to 192.168.0.102",
     ]
-    assert ctl.render_trace(doc, verbose=True).endswith(TRACE_TEXT)
-    missed = ctlserver.trace_doc(snapshot, CONFIG, req, "13. No match.\n")
-    assert "no backend chosen" in ctl.render_trace(missed)
+    assert render.render_trace(doc, verbose=True).endswith(TRACE_TEXT)
+    missed = trace.trace_doc(snapshot, CONFIG, req, "13. No match.\n")
+    assert "no backend chosen" in render.render_trace(missed)
     assert "in table 13 nothing matched, not the statelesslb VIP flow" in (
-        ctl.render_trace(missed))
+        render.render_trace(missed))
 
 
 def test_render_drain() -> None:
     doc = {"lb": "lb1", "backend": "10.0.0.11:8080", "bucket_id": 1, "action": "drain",
            "changed": True, "drain": ["10.0.0.11:8080"], "dropped": []}
-    assert ctl.render_drain(doc).splitlines() == [
+    assert render.render_drain(doc).splitlines() == [
         "lb1: drained 10.0.0.11:8080 (bucket 1): the gateways remove its bucket; "
         "its DNAT flows stay",
         "drain list now: 10.0.0.11:8080"]
-    assert "is already drained; nothing changed" in ctl.render_drain(dict(doc, changed=False))
+    assert "is already drained; nothing changed" in render.render_drain(dict(doc, changed=False))
     undrain = dict(doc, action="undrain", drain=[], dropped=["'junk'"])
-    assert ctl.render_drain(undrain).splitlines()[1:] == [
+    assert render.render_drain(undrain).splitlines()[1:] == [
         "drain list now: -", "dropped malformed drain entries: 'junk'"]
 
 
@@ -650,7 +654,7 @@ def test_main_json_and_options_on_either_side(monkeypatch, tmp_path) -> None:
         calls.append((self.path, command, args))
         return {"chassis": "gw1"} if command == "status" else [{"name": "lb1"}]
 
-    monkeypatch.setattr(ctl.AgentClient, "call", fake_call)
+    monkeypatch.setattr(clients.AgentClient, "call", fake_call)
     code, out, _ = run_main("--format", "json", "lb-list", "--socket", str(tmp_path / "s"))
     assert code == 0
     assert json.loads(out) == {"chassis": "gw1", "load_balancers": [{"name": "lb1"}]}
@@ -665,7 +669,7 @@ def test_main_takes_the_socket_from_the_configuration(monkeypatch, tmp_path) -> 
 
 
 def test_status_check_exit_code(monkeypatch) -> None:
-    monkeypatch.setattr(ctl.AgentClient, "call",
+    monkeypatch.setattr(clients.AgentClient, "call",
                         lambda self, command: dict(STATUS, healthy=False, problems=["x"]))
     assert run_main("--socket", "/s", "status")[0] == 0
     assert run_main("--socket", "/s", "status", "--check")[0] == 1
@@ -698,16 +702,16 @@ def second_chance_state(chassis: str, after: float = 10.0):
 
 def test_lb_show_reports_the_previous_bucket_set() -> None:
     snapshot, the_plan, since = second_chance_state("gw1")
-    doc = ctlserver.lb_show_doc(snapshot, the_plan, CONFIG, "lb0")
+    doc = reports.lb_show_doc(snapshot, the_plan, CONFIG, "lb0")
     assert doc["persistence"] == {"affinity": False, "second_chance": True, "window": 240}
     assert doc["previous"] == {"since": since, "until": since + 240.0, "vips": {
         "172.16.0.100:80": ["10.0.0.11:8080", "10.0.0.12:8080"]}}
     assert doc["drain"] == ["10.0.0.12:8080"]
     assert [b["in_group"] for b in doc["vips"][0]["backends"]] == [True, False]
-    text = ctl.render_lb_show(doc, now=since + 100.0)
+    text = render.render_lb_show(doc, now=since + 100.0)
     assert ("  persistence:   second-chance (window 240s); previous bucket set in force for "
             "140s more") in text
-    assert "previous bucket set expired" in ctl.render_lb_show(doc, now=since + 300.0)
+    assert "previous bucket set expired" in render.render_lb_show(doc, now=since + 300.0)
 
 
 def test_groups_document_names_previous_set_groups() -> None:
@@ -715,14 +719,14 @@ def test_groups_document_names_previous_set_groups() -> None:
     installed = state_after(the_plan).groups
     (gid,) = installed
     assert gid == CONFIG.previous_group_base + 1
-    doc = ctlserver.groups_doc(snapshot, the_plan, CONFIG, installed, {}, "lb0")
+    doc = reports.groups_doc(snapshot, the_plan, CONFIG, installed, {}, "lb0")
     (g,) = doc["groups"]
     assert (g["kind"], g["vip_id"], g["in_sync"], g["drained"]) == ("previous", 1, True, [])
     assert [(b["bucket_id"], b["backend"], b["packet_count"]) for b in g["buckets"]] == [
         (1, "10.0.0.11:8080", None), (2, "10.0.0.12:8080", None)]
     # Not a gateway here: the note says where the gateway group is.
     assert doc["notes"] == ["hv1 is not an active gateway of lb0 (cr-lr0-public is on gw1)"]
-    assert "(previous bucket set)" in ctl.render_groups(doc).splitlines()[0]
+    assert "(previous bucket set)" in render.render_groups(doc).splitlines()[0]
 
 
 AFFINITY_PHASE1 = """\
@@ -762,13 +766,13 @@ Datapath actions: ct(commit,zone=64000,mark=0x2/0xffffffff),4
 
 def test_trace_through_the_affinity_lookup() -> None:
     _, snapshot, the_plan = gateway_state()
-    req = ctlserver.trace_request(snapshot, the_plan, CONFIG,
+    req = trace.trace_request(snapshot, the_plan, CONFIG,
                                   ["lb0", "172.16.0.50", "40000", "tcp"])
-    assert ctlserver.trace_followup(req, TRACE_TEXT) is None
-    flow, actions, zone = ctlserver.trace_followup(req, AFFINITY_PHASE1)
+    assert trace.trace_followup(req, TRACE_TEXT) is None
+    flow, actions, zone = trace.trace_followup(req, AFFINITY_PHASE1)
     assert flow == req.flow + ",ct_state=0x21,ct_zone=64000"
     assert (actions, zone) == ("resubmit(,201)", 64000)
-    doc = ctlserver.trace_doc(snapshot, CONFIG, req, AFFINITY_PHASE1, AFFINITY_PHASE2, zone)
+    doc = trace.trace_doc(snapshot, CONFIG, req, AFFINITY_PHASE1, AFFINITY_PHASE2, zone)
     assert doc["intercepted"] and doc["first_table"]["table"] == 13
     assert doc["backend"]["bucket_id"] == 2 and doc["backend"]["logical_port"] == "vm2"
     assert doc["datapath_actions"] == "ct(commit,zone=64000,mark=0x2/0xffffffff),4"
@@ -777,7 +781,7 @@ def test_trace_through_the_affinity_lookup() -> None:
         doc["trace"])
     assert doc["notes"][0].startswith("affinity: a connection already tracked in conntrack "
                                       "zone 64000 keeps the bucket")
-    text = ctl.render_trace(doc)
+    text = render.render_trace(doc)
     assert "  note: affinity: a connection already tracked" in text
     assert all(len(line) <= 99 for line in text.splitlines())
 
@@ -788,12 +792,18 @@ OPERATION_MD = Path(__file__).resolve().parents[2] / "docs/operation.md"
 
 
 def status_reply() -> dict:
-    from statelesslb.agent import AgentStatus
+    """The status of an agent that has not started (no connections, nothing read)."""
+    from oslo_config import cfg
 
-    agent = SimpleNamespace(
-        status=AgentStatus(chassis="gw1"), nb=None, sb=None, ovs=None, writer=None,
-        monitor=None, conf=SimpleNamespace(statelesslb=SimpleNamespace(resync_interval=60.0)))
-    server = ctlserver.CtlServer("/nonexistent/ctl", agent)
+    from statelesslb import config
+    from statelesslb.agent.service import Agent
+
+    conf = cfg.ConfigOpts()
+    config.register_opts(conf)
+    conf(args=[], default_config_files=[])
+    agent = Agent(conf)
+    agent.status.chassis = "gw1"
+    server = control.CtlServer("/nonexistent/ctl", conf, agent.state, agent.request_resync)
     return server._status([])
 
 
@@ -816,4 +826,4 @@ def test_every_json_field_is_documented() -> None:
         rf"`{f}`|\"{f}\"|[{{,] ?{f}[,}} (]", text))
     assert missing == []
     _, snapshot, the_plan = gateway_state()
-    assert set(ctlserver.lb_list_doc(snapshot, the_plan)[0]) == lb_list
+    assert set(reports.lb_list_doc(snapshot, the_plan)[0]) == lb_list

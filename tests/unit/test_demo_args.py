@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from statelesslb import demo
+from statelesslb.sandbox import demo
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "35537", "ten", "1.5"])

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from statelesslb.hashing import (
+from statelesslb.nb.hashing import (
     DEFAULT_HASH,
     FULL_FIELDS,
     HASH_OPTION,
@@ -19,9 +19,10 @@ from statelesslb.hashing import (
     HashOptionError,
     parse_hash,
 )
-from statelesslb.model import EXT_DRAIN, EXT_PREVIOUS, PERSISTENCE_OPTION
-from statelesslb.planner import STATE_ERROR, STATE_OK, PlanConfig, plan
-from statelesslb.predict import FlowTuple, hashed_fields, predict_bucket
+from statelesslb.nb.model import EXT_DRAIN, EXT_PREVIOUS, PERSISTENCE_OPTION
+from statelesslb.observe.predict import FlowTuple, hashed_fields, predict_bucket
+from statelesslb.plan.planner import plan
+from statelesslb.plan.specs import STATE_ERROR, STATE_OK, PlanConfig
 
 from .factories import basic_topo
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from statelesslb.model import SbView
-from statelesslb.planner import IncrementalPlanner, PlanConfig, plan
+from statelesslb.nb.model import SbView
+from statelesslb.plan.planner import IncrementalPlanner, plan
+from statelesslb.plan.specs import PlanConfig
 
 from .factories import basic_topo
 

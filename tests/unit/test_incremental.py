@@ -17,10 +17,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from statelesslb import diff
-from statelesslb.acks import dump_installed
-from statelesslb.buckets import NbReconciler, dump_drain, reconcile_nb
-from statelesslb.model import (
+from statelesslb.nb.acks import dump_installed
+from statelesslb.nb.bucket_ids import NbReconciler, reconcile_nb
+from statelesslb.nb.model import (
     EXT_ACTIVE,
     EXT_BUCKETS,
     EXT_DRAIN,
@@ -35,8 +34,11 @@ from statelesslb.model import (
     SbView,
     Snapshot,
 )
-from statelesslb.openflow import InstalledState
-from statelesslb.planner import IncrementalPlanner, PlanConfig, plan
+from statelesslb.nb.stored import dump_drain
+from statelesslb.openflow import diff
+from statelesslb.openflow.ofctl import InstalledState
+from statelesslb.plan.planner import IncrementalPlanner, plan
+from statelesslb.plan.specs import PlanConfig
 
 from .factories import TABLES, basic_topo
 from .test_planner import STRICT_LINE, lines_of

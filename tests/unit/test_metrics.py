@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from statelesslb.metrics import (
+from statelesslb.observe.metrics import (
     AGENT_HEALTHY,
     BUCKET_PACKETS,
     Metric,

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from statelesslb.openflow import parse_groups
+from statelesslb.openflow.ofctl import parse_groups
 from statelesslb.sandbox.ovsread import cross_check, read_groups
 
 GID = 1879048193

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from ovs.flow.ofp import OFPFlow
 
-from statelesslb.model import (
+from statelesslb.nb.model import (
     EXT_BUCKETS,
     EXT_DRAIN,
     EXT_VIP_IDS,
@@ -18,15 +18,8 @@ from statelesslb.model import (
     SbView,
     Snapshot,
 )
-from statelesslb.planner import (
-    COOKIE_MASK,
-    GROUP_FIELDS,
-    FlowSpec,
-    GroupSpec,
-    Plan,
-    PlanConfig,
-    plan,
-)
+from statelesslb.plan.planner import plan
+from statelesslb.plan.specs import COOKIE_MASK, GROUP_FIELDS, FlowSpec, GroupSpec, Plan, PlanConfig
 
 from .factories import TABLES, Topo, basic_topo
 

@@ -1,4 +1,4 @@
-"""statelesslb.predict: pinned to vectors captured from a real OVS, plus properties.
+"""statelesslb.observe.predict: pinned to vectors captured from a real OVS, plus properties.
 
 SWITCH_* below are `ofproto/trace` outputs of the Debian 12 ovs-vswitchd 3.1.0 (dummy
 datapath) for the groups of tests/sandbox/test_predict.py, which re-checks them live.
@@ -14,8 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from statelesslb.planner import BUCKET_WEIGHT, GROUP_FIELDS
-from statelesslb.predict import (
+from statelesslb.observe.predict import (
     DEFAULT_HASH_IMPL,
     FlowTuple,
     bucket_scores,
@@ -27,6 +26,7 @@ from statelesslb.predict import (
     parse_fields,
     predict_bucket,
 )
+from statelesslb.plan.specs import BUCKET_WEIGHT, GROUP_FIELDS
 from statelesslb.sandbox.switch import random_tuples, tied_bucket_ids
 
 BUCKETS = [1, 2, 3, 7, 10]

@@ -7,14 +7,15 @@ import json
 import pytest
 from ovs.flow.ofp import OFPFlow
 
-from statelesslb.model import (
+from statelesslb.nb.model import (
     EXT_ACTIVE,
     EXT_BUCKETS,
     EXT_PREVIOUS,
     EXT_VIP_IDS,
     PERSISTENCE_OPTION,
 )
-from statelesslb.planner import FlowSpec, Plan, PlanConfig, plan
+from statelesslb.plan.planner import plan
+from statelesslb.plan.specs import FlowSpec, Plan, PlanConfig
 
 from .factories import TABLES, Topo
 

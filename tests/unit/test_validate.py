@@ -7,16 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from statelesslb.model import NbLoadBalancer, NbRouterPort, NbSwitchPort
+from statelesslb.nb.model import NbLoadBalancer, NbRouterPort, NbSwitchPort
+from statelesslb.nb.parse import canonical_endpoint_key, parse_endpoint, parse_mac
+from statelesslb.nb.validate import LbError, ValidLb, validate_lb
 from statelesslb.ofstrings import endpoint_text
-from statelesslb.validate import (
-    LbError,
-    ValidLb,
-    canonical_endpoint_key,
-    parse_endpoint,
-    parse_mac,
-    validate_lb,
-)
 
 from .factories import basic_topo
 

@@ -7,10 +7,11 @@ import random
 
 import pytest
 
-from statelesslb.hashing import FULL_FIELDS
-from statelesslb.planner import STATE_ERROR, STATE_OK, PlanConfig, plan
-from statelesslb.predict import FlowTuple, predict_bucket
-from statelesslb.weights import SLOT_BASE, WEIGHTS_OPTION, base_id, slot_ids
+from statelesslb.nb.hashing import FULL_FIELDS
+from statelesslb.nb.weights import SLOT_BASE, WEIGHTS_OPTION, base_id, slot_ids
+from statelesslb.observe.predict import FlowTuple, predict_bucket
+from statelesslb.plan.planner import plan
+from statelesslb.plan.specs import STATE_ERROR, STATE_OK, PlanConfig
 
 from .factories import basic_topo
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from statelesslb.sandbox import Sandbox, build_lb_topology
 from statelesslb.sandbox import agents as sandbox_agents
-from statelesslb.sandbox.core import wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.traffic import (
     broken,
     conntrack_lines,

@@ -23,9 +23,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from statelesslb.model import EXT_PREFIX, EXT_PREVIOUS, NbLoadBalancer, SbView
+from statelesslb.nb.model import EXT_PREFIX, EXT_PREVIOUS, NbLoadBalancer, SbView
+from statelesslb.nb.validate import parse_window
 from statelesslb.ofstrings import is_plain_int
-from statelesslb.validate import parse_window
 
 # On SB Chassis_Private external_ids (the agent's own chassis only).
 EXT_INSTALLED = EXT_PREFIX + "installed"
@@ -135,7 +135,7 @@ def installed_previous(lbs: Mapping[str, NbLoadBalancer], planned: Iterable[str]
 
 @functools.lru_cache(maxsize=65536)
 def _since(text: object) -> float | None:
-    from statelesslb.buckets import parse_previous  # buckets imports this module
+    from statelesslb.nb.stored import parse_previous
 
     previous = parse_previous(text)
     return previous[0] if previous is not None else None

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import ovs.jsonrpc
 import ovs.stream
 
-from statelesslb.model import TableLayout
+from statelesslb.nb.model import TableLayout
 
 LOG = logging.getLogger(__name__)
 

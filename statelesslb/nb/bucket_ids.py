@@ -20,8 +20,8 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from statelesslb.acks import DEFAULT_ACK_TIMEOUT, AckState, ack_state, join
-from statelesslb.model import (
+from statelesslb.nb.acks import DEFAULT_ACK_TIMEOUT, AckState, ack_state, join
+from statelesslb.nb.model import (
     EXT_ACTIVE,
     EXT_BUCKETS,
     EXT_DRAIN,
@@ -32,27 +32,25 @@ from statelesslb.model import (
     NbView,
     SbView,
 )
-from statelesslb.ofstrings import is_plain_int
-from statelesslb.validate import (
-    Dependents,
-    LbError,
-    TopologyCache,
-    TopologyIndex,
-    ValidationMemo,
-    ValidLb,
-    canonical_endpoint_key,
-    index_topology,
-    is_marked,
-    show,
-    topology_deps,
+from statelesslb.nb.parse import is_marked, show
+from statelesslb.nb.stored import (
+    MAX_BUCKET_ID,
+    MAX_VIP_ID,
+    ActiveSet,
+    dump_id_map,
+    parse_active,
+    parse_drain_checked,
+    parse_id_map,
+    parse_previous,
+    stored_ids,
 )
+from statelesslb.nb.topology import Dependents, TopologyCache, TopologyIndex, index_topology
+from statelesslb.nb.validate import LbError, ValidationMemo, ValidLb, topology_deps
+from statelesslb.ofstrings import is_plain_int
 
 # reconcile_nb (the from-scratch path: tests, bench/core_scale.py) sees every LB on each
 # call: across calls, it validates an LB again only when its row or the topology changed.
 _VALIDATION = ValidationMemo()
-
-MAX_BUCKET_ID = 0xFFFFFF00   # OFPG15_BUCKET_MAX
-MAX_VIP_ID = 0x0FFFFFFF      # keeps group_id_base + id below OFPG_MAX
 # external_ids keys the NB writer owns; statelesslb:drain is the operator's.
 WRITER_KEYS = (EXT_BUCKETS, EXT_VIP_IDS, EXT_STATUS, EXT_ACTIVE, EXT_PREVIOUS)
 STATUS_OK = "ok"
@@ -98,63 +96,6 @@ def allocate_ids(
         result[key] = candidate
         taken.add(candidate)
     return dict(sorted(result.items()))
-
-
-def _json_or_none(text: str) -> object:
-    """The JSON value of `text`, or None when it is not JSON. Nesting too deep for the
-    parser (RecursionError) is malformed input too: NB text must never crash a pass."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-
-
-def parse_id_map(text: str | None) -> dict[str, int] | None:
-    """Parse a persisted id map. Absent (None) -> {}; malformed -> None."""
-    if text is None:
-        return {}
-    if not isinstance(text, str):
-        return None
-    data = _json_or_none(text)
-    if not isinstance(data, dict):
-        return None
-    if not all(isinstance(k, str) and is_plain_int(v) and v >= 1 for k, v in data.items()):
-        return None
-    return data
-
-
-def dump_id_map(ids: Mapping[str, int]) -> str:
-    """Deterministic compact JSON: same map, same bytes (no spurious NB writes)."""
-    return json.dumps(dict(ids), sort_keys=True, separators=(",", ":"))
-
-
-def parse_drain_checked(text: str | None) -> tuple[frozenset[str], list[object]]:
-    """(canonical drained backend keys, what was dropped as malformed).
-
-    Wholly malformed text (not a JSON list) drains nothing and is dropped whole;
-    otherwise the entries that are not IP:port strings are dropped.
-    """
-    if text is None:
-        return frozenset(), []
-    data = _json_or_none(text) if isinstance(text, str) else None
-    if not isinstance(data, list):
-        return frozenset(), [text]
-    keys, dropped = set(), []
-    for entry in data:
-        key = canonical_endpoint_key(entry)
-        if key is None:
-            dropped.append(entry)
-        else:
-            keys.add(key)
-    return frozenset(keys), dropped
-
-
-def parse_drain(text: str | None) -> frozenset[str]:
-    return parse_drain_checked(text)[0]
-
-
-def dump_drain(keys: Iterable[str]) -> str:
-    return json.dumps(sorted(set(keys)), separators=(",", ":"))
 
 
 # ---------------------------------------------------------------------------
@@ -281,7 +222,7 @@ def reconcile_nb(
     publishes the gateways' current set as `statelesslb:previous` stamped with
     `now`; a later one moves `active` once every chassis where a backend of either
     set is bound (per `sb`) acknowledged that previous set in `installed` ({chassis
-    name: its `statelesslb:installed` text}, see statelesslb.acks), or once
+    name: its `statelesslb:installed` text}, see statelesslb.nb.acks), or once
     `ack_timeout` seconds (at most half the LB's window) have passed.
     """
     to_update = {lb.uuid: lb for lb in lbs}
@@ -356,10 +297,10 @@ def _desired_ids(
         return {EXT_STATUS: _error_status(valid.message)}, _NO_OUTLOOK
 
     notes = list(claims.notes.get(lb.uuid, []))
-    stored_buckets = parse_id_map(ext.get(EXT_BUCKETS))
+    stored_vips, stored_buckets = stored_ids(ext)
     if stored_buckets is None:
         notes.append("bucket ids re-allocated: stored map was malformed")
-    if parse_id_map(ext.get(EXT_VIP_IDS)) is None:
+    if stored_vips is None:
         notes.append("VIP ids re-allocated: stored map was malformed")
     try:
         vip_ids = allocate_ids(
@@ -565,42 +506,3 @@ def _claim_key(lb: NbLoadBalancer | None) -> object:
     if lb is None:
         return None
     return (_lb_order(lb), is_marked(lb), _external_ids(lb).get(EXT_VIP_IDS))
-
-
-ActiveSet = dict[str, dict[str, tuple[int, str, str]]]
-
-
-def parse_active(text: object) -> ActiveSet:
-    """{vip key: {backend key: (bucket id, mac, lsp)}}; {} for anything malformed.
-
-    Only shapes are checked here: MACs and keys are validated again where used.
-    """
-    if not isinstance(text, str) or len(text) > 1_000_000:
-        return {}
-    data = _json_or_none(text)
-    out: ActiveSet = {}
-    if not isinstance(data, dict):
-        return {}
-    for vip, backends in data.items():
-        if not isinstance(vip, str) or not isinstance(backends, dict):
-            return {}
-        entries = {}
-        for key, value in backends.items():
-            if not (isinstance(key, str) and isinstance(value, list) and len(value) == 3
-                    and is_plain_int(value[0]) and 0 < value[0] <= MAX_BUCKET_ID
-                    and isinstance(value[1], str) and isinstance(value[2], str)):
-                return {}
-            entries[key] = (value[0], value[1], value[2])
-        out[vip] = entries
-    return out
-
-
-def parse_previous(text: object) -> tuple[float, ActiveSet] | None:
-    """(since, active set) of `statelesslb:previous`, or None."""
-    if not isinstance(text, str) or len(text) > 1_000_000:
-        return None
-    data = _json_or_none(text)
-    if not isinstance(data, dict) or not isinstance(data.get("since"), int | float):
-        return None
-    vips = parse_active(json.dumps(data.get("vips")))
-    return (float(data["since"]), vips) if vips else None

@@ -57,6 +57,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Literal
 
+from statelesslb.nb.stored import MAX_BUCKET_ID
+
 HashImpl = Literal["murmur", "crc32"]
 HASH_IMPLS: tuple[HashImpl, ...] = ("murmur", "crc32")
 # What the Debian 12 openvswitch-switch 3.1.0 (amd64) build uses.
@@ -68,8 +70,6 @@ IPPROTO_SCTP = 132
 ETH_TYPE_IP = 0x0800
 ETH_TYPE_IPV6 = 0x86DD
 MAX_WEIGHT = 0xFFFF
-# OFPG15_BUCKET_MAX: ids above are reserved (FIRST, LAST, ALL).
-MAX_BUCKET_ID = 0xFFFFFF00
 MAX_PARAM = (1 << 64) - 1
 
 _M32 = 0xFFFFFFFF

@@ -20,9 +20,9 @@ import tenacity
 from ovs.db import idl as ovs_idl
 from ovsdbapp.backend.ovs_idl import connection, event, idlutils
 
-from statelesslb import model
+from statelesslb.nb import model
+from statelesslb.nb.parse import parse_ip
 from statelesslb.ofstrings import ip_text, is_plain_int
-from statelesslb.validate import parse_ip
 
 LOG = logging.getLogger(__name__)
 
@@ -384,7 +384,7 @@ class SbReader:
 
 
 def _installed(watcher: Watcher) -> dict[str, str]:
-    from statelesslb.acks import EXT_INSTALLED
+    from statelesslb.nb.acks import EXT_INSTALLED
 
     out = {}
     for row in watcher.rows("Chassis_Private"):
@@ -400,7 +400,7 @@ def publish_installed(watcher: Watcher, chassis: str, text: str) -> bool | None:
     True: written (or already so); None: no row yet (ovn-controller creates it);
     False: the transaction failed (try again later).
     """
-    from statelesslb.acks import EXT_INSTALLED
+    from statelesslb.nb.acks import EXT_INSTALLED
 
     with watcher.connection.lock:
         row = next((r for r in watcher.rows("Chassis_Private") if r.name == chassis), None)

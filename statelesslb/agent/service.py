@@ -17,15 +17,22 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
 
 from oslo_config import cfg
 
-from statelesslb import acks, buckets, config, diff, nbwriter, planner, tables, watchers
-from statelesslb.ctlserver import CtlServer
-from statelesslb.model import Snapshot, TableLayout
-from statelesslb.openflow import InstalledState, Ofctl, OfctlError
-from statelesslb.validate import ValidationMemo
-from statelesslb.wipe import WipeMonitor
+from statelesslb import config
+from statelesslb.agent import nb_writer, watchers
+from statelesslb.agent.control import CtlServer
+from statelesslb.agent.state import AgentState
+from statelesslb.nb import acks
+from statelesslb.nb.model import Snapshot, TableLayout
+from statelesslb.nb.validate import ValidationMemo
+from statelesslb.openflow import diff, tables
+from statelesslb.openflow.ofctl import InstalledState, Ofctl, OfctlError
+from statelesslb.openflow.wipe import WipeMonitor
+from statelesslb.plan import specs
+from statelesslb.plan.planner import IncrementalPlanner
 
 LOG = logging.getLogger("statelesslb.agent")
 
@@ -61,7 +68,7 @@ class Agent:
     def __init__(self, conf: cfg.ConfigOpts):
         self.conf = conf
         self.status = AgentStatus()
-        self.plan: planner.Plan | None = None
+        self.plan: specs.Plan | None = None
         self.snapshot: Snapshot | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -72,7 +79,7 @@ class Agent:
         self._installed: InstalledState | None = None
         # The plan installed last: a full re-read checks its group ids even when
         # OVS's group stats leave them out (see Ofctl.groups).
-        self._recorded: planner.Plan | None = None
+        self._recorded: specs.Plan | None = None
         # LB uuids changed since the planner / the NB writer last looked (None: all).
         self._plan_changes: frozenset[str] | None = None
         self._writer_changes: frozenset[str] | None = None
@@ -80,10 +87,10 @@ class Agent:
         self._next_periodic = 0.0
         self._retry_at: float | None = None
         # The plan whose acknowledgement was published last, and its text.
-        self._acked_plan: planner.Plan | None = None
+        self._acked_plan: specs.Plan | None = None
         self._published: str | None = None
         slb = conf.statelesslb
-        self.plan_config = planner.PlanConfig(
+        self.plan_config = specs.PlanConfig(
             group_id_base=slb.group_id_base,
             cookie_prefix=slb.cookie_prefix,
             gateway_priority=slb.gateway_priority,
@@ -94,12 +101,13 @@ class Agent:
         )
         # One validation memo for the NB writer and the planner: validated once per change.
         self.validation = ValidationMemo()
-        self.planner = planner.IncrementalPlanner(self.plan_config, self.validation)
+        self.planner = IncrementalPlanner(self.plan_config, self.validation)
         self.ovs = self.nb = self.sb = None
         self.ofctl: Ofctl | None = None
         self.monitor: WipeMonitor | None = None
         self.ctl: CtlServer | None = None
-        self.writer: nbwriter.NbWriter | None = None
+        self.bridge: str | None = None
+        self.writer: nb_writer.NbWriter | None = None
 
     # -- change notifications (called from other threads) --------------------
     def _on_change(self, source: str, reconnected: bool) -> None:
@@ -152,7 +160,7 @@ class Agent:
         self.nb_reader = watchers.NbReader(self.nb)
         self.sb_reader = watchers.SbReader(self.sb)
         if conf.statelesslb.nb_writer:
-            self.writer = nbwriter.NbWriter(self.nb, self.validation,
+            self.writer = nb_writer.NbWriter(self.nb, self.validation,
                                             conf.statelesslb.ack_timeout)
         self.ofctl = Ofctl(target, conf.ovs.ofctl_path, conf.ovs.ofctl_timeout)
         self.monitor = WipeMonitor(
@@ -161,7 +169,7 @@ class Agent:
         )
         self.monitor.start()
         if conf.unixctl_path:
-            self.ctl = CtlServer(conf.unixctl_path, self)
+            self.ctl = CtlServer(conf.unixctl_path, conf, self.state, self.request_resync)
             self.ctl.start()
         LOG.info("statelesslb-agent started on chassis %s (bridge %s, SB %s)",
                  self.status.chassis, target, sb_remote)
@@ -265,8 +273,8 @@ class Agent:
                 if self._recorded is not None:
                     known |= self._recorded.groups.keys()
                 self._installed = self.ofctl.read_state(
-                    self.plan_config.cookie_prefix, *self.group_range(), known_groups=known
-                )
+                    self.plan_config.cookie_prefix, *self.plan_config.group_range,
+                    known_groups=known)
                 self.status.last_full_sync = time.time()
                 touched_flows = touched_groups = None
                 clock.lap("read_bridge")
@@ -300,7 +308,7 @@ class Agent:
             self._installed = None
             self._schedule_retry(0.2)
 
-    def _acknowledge(self, plan: planner.Plan, snapshot: Snapshot) -> None:
+    def _acknowledge(self, plan: specs.Plan, snapshot: Snapshot) -> None:
         """Publish which previous bucket sets br-int now holds: the NB writer moves the
         gateways once every chassis concerned holds an LB's previous set.
 
@@ -311,7 +319,7 @@ class Agent:
             return
         held = acks.installed_previous(
             snapshot.nb.load_balancers,
-            [u for u, s in plan.lb_status.items() if s.state != planner.STATE_ERROR],
+            [u for u, s in plan.lb_status.items() if s.state != specs.STATE_ERROR],
             time.time())
         text = acks.dump_installed(held)
         if text != self._published:
@@ -362,7 +370,7 @@ class Agent:
         return nb_view
 
     @staticmethod
-    def _log_status_changes(old: planner.Plan | None, new: planner.Plan,
+    def _log_status_changes(old: specs.Plan | None, new: specs.Plan,
                             lbs: frozenset[str] | None) -> None:
         """Log the status of the LBs that changed (`lbs`; None: look at all)."""
         before = old.lb_status if old is not None else {}
@@ -376,7 +384,7 @@ class Agent:
             if prev is not None and (prev.state, prev.message, prev.roles) == (
                     status.state, status.message, status.roles):
                 continue
-            level = logging.WARNING if status.state == planner.STATE_ERROR else logging.INFO
+            level = logging.WARNING if status.state == specs.STATE_ERROR else logging.INFO
             LOG.log(level, "LB %s: %s%s (here: %s)", status.name, status.state,
                     f": {status.message}" if status.message else "",
                     ", ".join(status.roles) or "nothing")
@@ -400,10 +408,17 @@ class Agent:
         self._layout = layout
         self.status.layout = asdict(layout)
 
-    def group_range(self) -> tuple[int, int]:
-        """Our group ids: the gateway groups, then the previous-set groups."""
-        base = self.plan_config.group_id_base
-        return base, self.plan_config.previous_group_base + buckets.MAX_VIP_ID
+    def state(self) -> AgentState:
+        """An immutable copy of what the control socket may show."""
+        status = asdict(self.status)
+        status["connections"] = {
+            name: bool(w is not None and w.connected)
+            for name, w in (("nb", self.nb), ("sb", self.sb), ("ovs", self.ovs))
+        }
+        status["nb_writer_error"] = self.writer.last_error if self.writer else None
+        status["monitor_restarts"] = self.monitor.restarts if self.monitor else 0
+        return AgentState(MappingProxyType(status), self.snapshot, self.plan,
+                          self.plan_config, self.bridge, self.ofctl)
 
 
 class _PhaseClock:

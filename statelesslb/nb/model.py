@@ -3,7 +3,7 @@
 The watchers build these from ovsdbapp rows; the pure core (validate, buckets,
 planner) sees nothing else, so it can be unit- and property-tested without I/O.
 Values here are raw database strings: nothing in them is trusted until
-`statelesslb.validate` has parsed it.
+`statelesslb.nb.validate` has parsed it.
 """
 
 from __future__ import annotations

@@ -8,11 +8,14 @@ group ids and the other buckets' ids (and counters) never change.
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from collections.abc import Set
 
-from statelesslb.openflow import InstalledGroup, InstalledState
-from statelesslb.planner import GroupSpec, Plan
+from ovs.flow.ofp import OFPFlow
+
+from statelesslb.openflow.ofctl import InstalledGroup, InstalledState
+from statelesslb.plan.specs import GroupSpec, Plan, flow_delete_line, group_delete_line
 
 _BUCKET_ID_PREFIX = re.compile(r"^bucket_id:\d+,")
 
@@ -32,6 +35,38 @@ def want_buckets(group: GroupSpec) -> dict[int, str]:
 
 def group_header(group: GroupSpec) -> str:
     return f"type=select,selection_method=hash,{group.fields}"
+
+
+def same_bucket(want: str, have: str) -> bool:
+    """Whether an installed bucket ('weight:..,actions=..') does what the planned one
+    does: the same text (the planner writes actions the way OVS prints them back), or
+    else the same weight and the same actions as `ovs.flow` parses them, so that a
+    difference in spelling only (0x3 or 3, an OVS that prints a field otherwise) is
+    not mistaken for a change and the bucket is not replaced."""
+    if want == have:
+        return True
+    meaning = _bucket_meaning(want)
+    return meaning is not None and meaning == _bucket_meaning(have)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bucket_meaning(body: str) -> tuple[str, list] | None:
+    head, found, actions = body.partition("actions=")
+    if not found:
+        return None
+    try:
+        return head, OFPFlow("actions=" + actions).actions
+    except Exception:   # ovs.flow raises plain exceptions on what it cannot parse
+        return None
+
+
+def in_sync(want: GroupSpec, have: InstalledGroup) -> bool:
+    """The installed group holds the planned buckets, each doing the same, in the
+    canonical order."""
+    wanted = want_buckets(want)
+    return (have.header == group_header(want) and list(have.buckets) == list(wanted)
+            and all(same_bucket(wanted[bid], bucket_body(body))
+                    for bid, body in have.buckets.items()))
 
 
 def in_canonical_order(bucket_ids: list[int]) -> list[int]:
@@ -75,7 +110,7 @@ def _group_changes(want: GroupSpec, have: InstalledGroup) -> list[str]:
     wanted = want_buckets(want)
     kept = []
     for bid, body in have.buckets.items():
-        if wanted.get(bid) == bucket_body(body):
+        if bid in wanted and same_bucket(wanted[bid], bucket_body(body)):
             kept.append(bid)
         else:
             lines.append(want.remove_bucket_line(bid))
@@ -109,7 +144,7 @@ def diff_lines(plan: Plan, installed: InstalledState,
     else:
         kept_groups = {g for g in groups if g in plan.groups}
         gone_groups = {g for g in groups if g in installed.groups and g not in plan.groups}
-    lines = [f"flow delete cookie={cookie:#x}/-1" for cookie in sorted(gone_flows)]
+    lines = [flow_delete_line(cookie) for cookie in sorted(gone_flows)]
     for gid in sorted(kept_groups):
         group = plan.groups[gid]
         if installed.specs.get(gid) is group:
@@ -120,7 +155,7 @@ def diff_lines(plan: Plan, installed: InstalledState,
         else:
             lines.extend(_group_changes(group, have))
     lines.extend(plan.flows[cookie].add_line() for cookie in sorted(new_flows))
-    lines.extend(f"group delete group_id={gid}" for gid in sorted(gone_groups))
+    lines.extend(group_delete_line(gid) for gid in sorted(gone_groups))
     return lines
 
 

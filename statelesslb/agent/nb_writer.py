@@ -3,7 +3,7 @@
 Every agent runs this, but only the one holding the OVSDB lock writes (as
 ovn-northd does with its own lock), and python-ovs adds an assertion of that
 lock to every transaction: two agents starting at once cannot both allocate.
-The logic is the pure `buckets.reconcile_nb`; this module only writes its result.
+The logic is the pure `bucket_ids.reconcile_nb`; this module only writes its result.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import time
 import uuid
 from collections.abc import Mapping, Set
 
-from statelesslb import buckets
-from statelesslb.acks import DEFAULT_ACK_TIMEOUT
-from statelesslb.model import EXT_ACTIVE, EXT_PREVIOUS, NbView, SbView
-from statelesslb.validate import ValidationMemo
-from statelesslb.watchers import Watcher
+from statelesslb.agent.watchers import Watcher
+from statelesslb.nb import bucket_ids
+from statelesslb.nb.acks import DEFAULT_ACK_TIMEOUT
+from statelesslb.nb.model import EXT_ACTIVE, EXT_PREVIOUS, NbView, SbView
+from statelesslb.nb.validate import ValidationMemo
 
 LOG = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class NbWriter:
     def __init__(self, watcher: Watcher, validation: ValidationMemo | None = None,
                  ack_timeout: float = DEFAULT_ACK_TIMEOUT):
         self.watcher = watcher
-        self.reconciler = buckets.NbReconciler(validation, ack_timeout)
+        self.reconciler = bucket_ids.NbReconciler(validation, ack_timeout)
         self.writes = 0
         self.last_error: str | None = None
 

@@ -14,9 +14,9 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-LOG = logging.getLogger(__name__)
+from statelesslb.plan.specs import our_cookies
 
-COOKIE_MASK = 0xFFFF << 48
+LOG = logging.getLogger(__name__)
 
 _COOKIE_RE = re.compile(r"cookie=(0x[0-9a-f]+)")
 _GROUP_ID_RE = re.compile(r"^group_id=(\d+),")
@@ -107,12 +107,7 @@ class Ofctl:
         return proc.stdout
 
     def our_flow_cookies(self, cookie_prefix: int) -> set[int]:
-        spec = f"cookie={cookie_prefix << 48:#x}/{COOKIE_MASK:#x}"
-        return parse_flow_cookies(self.run("dump-flows", spec, "--no-stats"))
-
-    def our_flows(self, cookie_prefix: int) -> str:
-        spec = f"cookie={cookie_prefix << 48:#x}/{COOKIE_MASK:#x}"
-        return self.run("dump-flows", spec)
+        return parse_flow_cookies(self.run("dump-flows", our_cookies(cookie_prefix), "--no-stats"))
 
     def group_ids(self) -> set[int]:
         return {int(m.group(1)) for m in _STATS_GROUP_RE.finditer(self.group_stats())}

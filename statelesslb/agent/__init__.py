@@ -1,0 +1,1 @@
+"""The daemon: watchers, the loop, the NB writer, the control socket."""

@@ -1,0 +1,1 @@
+"""statelesslb-ctl."""

@@ -1,0 +1,1 @@
+"""The NB side: what a marked load balancer means, validated; its stored ids."""

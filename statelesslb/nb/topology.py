@@ -1,0 +1,265 @@
+"""The NB topology indexed once per NB view (ports by address, routers of each LB), and
+what tells which LBs a topology change reaches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from statelesslb.nb.model import (
+    NbRouter,
+    NbSwitch,
+    NbSwitchPort,
+    NbView,
+)
+from statelesslb.nb.parse import ADDRESS_KEYWORDS, as_str, parse_ip, parse_mac, str_tuple
+from statelesslb.ofstrings import IpAddress
+
+UNSET = object()
+
+
+def safe_topology_key(nb: NbView) -> object:
+    """topology_key(nb), or None when the view holds something unhashable (a fuzzer's)."""
+    try:
+        key = topology_key(nb)
+        hash(key)
+    except Exception:
+        return None
+    return key
+
+
+def same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """Whether two tuples hold the very same objects, position by position."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+@dataclass(frozen=True)
+class TopologyChanges:
+    """What a topology change touched, in the terms of topology_deps()."""
+
+    routers: frozenset[str]      # router rows, their ports, or what plugs into them
+    ips: frozenset[object]       # IPs whose announcing ports changed, on any switch
+    lsps: frozenset[str]         # switch ports changed, moved, or whose MACs changed
+
+    def keys(self) -> set[tuple[str, object]]:
+        return ({("router", r) for r in self.routers} | {("ip", i) for i in self.ips}
+                | {("lsp", p) for p in self.lsps})
+
+
+@dataclass(frozen=True)
+class TopologyState:
+    key: object                  # topology_key(nb), None when unusable (unhashable)
+    index: TopologyIndex
+    changed: bool                # the topology differs from the previous call's
+    moved: frozenset[str]        # LBs attached to or detached from a router since then
+    # When `changed`: what the change touched; None when that cannot be told (then
+    # every LB must be validated again).
+    changes: TopologyChanges | None = None
+
+
+class TopologyCache:
+    """topology_key() and index_topology() of the latest NB view, once per topology.
+
+    The watchers' NbReader hands out the very same topology mappings until a
+    topology row changes; recognising them by identity spares a pass over every
+    router, port and switch on each LB change. Other views (tests build new
+    mappings each time) are compared by value, so the answer is always right.
+    Attaching an LB to a router is not a topology change: it names that LB in
+    `moved`, so adding one LB does not re-plan the others. A topology change says
+    what it touched (`changes`); with topology_deps() the callers find the LBs
+    whose validation may differ.
+    """
+
+    def __init__(self) -> None:
+        self._source: tuple[object, ...] = ()
+        self._key: object = None
+        self._index: TopologyIndex | None = None
+        self._nb: NbView | None = None
+        self._routers_of: dict[str, tuple[str, ...]] = {}
+
+    def get(self, nb: NbView) -> TopologyState:
+        source = (nb.routers, nb.router_ports, nb.switches, nb.switch_ports)
+        if self._index is not None and same_objects(source, self._source):
+            return TopologyState(self._key, self._index, False, frozenset())
+        key = safe_topology_key(nb)
+        changed = key is None or key != self._key or self._index is None
+        index = index_topology(nb)
+        routers_of = {lb: routers_of_lb(index, lb) for lb in index.routers_by_lb}
+        moved = frozenset(u for u in routers_of.keys() | self._routers_of.keys()
+                          if routers_of.get(u) != self._routers_of.get(u))
+        changes = None
+        if changed and key is not None and self._nb is not None and self._index is not None:
+            changes = _topology_changes(self._nb, self._index, nb, index)
+        self._source, self._key, self._index, self._routers_of = source, key, index, routers_of
+        self._nb = nb
+        return TopologyState(key, index, changed, moved, changes)
+
+
+def changed_keys(before: Mapping, after: Mapping) -> set:
+    """The keys whose values differ between two mappings (present in one only, too)."""
+    return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+
+
+def _topology_changes(old_nb: NbView, old: TopologyIndex,
+                      new_nb: NbView, new: TopologyIndex) -> TopologyChanges | None:
+    """What changed between two topologies, or None (a fuzzer's odd values)."""
+    try:
+        lrps = changed_keys(old_nb.router_ports, new_nb.router_ports)
+        routers = {
+            u for u in old_nb.routers.keys() | new_nb.routers.keys()
+            if _router_shape(old_nb.routers.get(u)) != _router_shape(new_nb.routers.get(u))}
+        for view in (old_nb, new_nb):
+            for router in view.routers.values():
+                if not lrps.isdisjoint(str_tuple(router.ports)):
+                    routers.add(as_str(router.uuid))
+        routers.update(changed_keys(old.attachments, new.attachments))
+        ips: set[object] = set()
+        for switch in old.addresses.keys() | new.addresses.keys():
+            ips.update(changed_keys(old.addresses.get(switch, {}),
+                                     new.addresses.get(switch, {})))
+        lsps = (changed_keys(old_nb.switch_ports, new_nb.switch_ports)
+                | changed_keys(old.switches_of_lsp, new.switches_of_lsp)
+                | changed_keys(old.macs_of_lsp, new.macs_of_lsp))
+        return TopologyChanges(frozenset(routers), frozenset(ips), frozenset(lsps))
+    except Exception:    # a fuzzer's view: unhashable or odd values
+        return None
+
+
+def _router_shape(router: object) -> object:
+    """A router as validation sees it: everything but its LB list."""
+    if not isinstance(router, NbRouter):
+        return router
+    return (router.uuid, router.name, router.ports)
+
+
+class Dependents:
+    """Which LBs read which keys (topology or SB), kept in step LB by LB.
+
+    An LB whose keys are unknown (None: an invalid LB, whose error may name
+    anything) counts as reading every key.
+    """
+
+    def __init__(self) -> None:
+        self._by_key: dict[object, set[str]] = {}
+        self._keys: dict[str, frozenset[object]] = {}
+        self._anything: set[str] = set()
+
+    def set(self, uuid: str, keys: frozenset[object] | None) -> None:
+        self.discard(uuid)
+        if keys is None:
+            self._anything.add(uuid)
+            return
+        self._keys[uuid] = keys
+        for key in keys:
+            self._by_key.setdefault(key, set()).add(uuid)
+
+    def discard(self, uuid: str) -> None:
+        self._anything.discard(uuid)
+        for key in self._keys.pop(uuid, ()):
+            readers = self._by_key[key]
+            readers.discard(uuid)
+            if not readers:
+                del self._by_key[key]
+
+    def of(self, keys: Iterable[object]) -> set[str]:
+        """The LBs that read any of `keys`, and those that may read anything."""
+        found = set(self._anything)
+        for key in keys:
+            found.update(self._by_key.get(key, ()))
+        return found
+
+
+def routers_of_lb(index: TopologyIndex, lb_uuid: object) -> tuple[str, ...]:
+    """Uuids of the routers an LB is attached to."""
+    return tuple(as_str(r.uuid) for r in index.routers_by_lb.get(lb_uuid, ()))
+
+
+def topology_key(nb: NbView) -> object:
+    """Everything of the NB but the load balancers and their attachments, hashable."""
+    return (
+        frozenset((r.uuid, r.name, tuple(r.ports)) for r in nb.routers.values()),
+        frozenset(nb.router_ports.values()),
+        frozenset((s.uuid, s.name, tuple(s.ports)) for s in nb.switches.values()),
+        frozenset((p.uuid, p.name, p.type, tuple(p.addresses), frozenset(p.options.items()))
+                  for p in nb.switch_ports.values()),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Topology index: built once per NbView, shared by every LB's validation.
+
+
+@dataclass(frozen=True)
+class _PortAddress:
+    lsp_name: str
+    mac: str
+
+
+@dataclass
+class TopologyIndex:
+    """Lookups derived from an NbView. Build with `index_topology(nb)`."""
+
+    routers_by_lb: dict[str, list[NbRouter]] = field(default_factory=dict)
+    # LSP name -> uuids of the switches listing it (more than one is corrupt).
+    switches_of_lsp: dict[str, list[str]] = field(default_factory=dict)
+    # router uuid -> switch uuid -> names of the router's LRPs the switch plugs into
+    attachments: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    # switch uuid -> IP -> (LSP, MAC) pairs of VIF ports announcing it
+    addresses: dict[str, dict[IpAddress, list[_PortAddress]]] = field(default_factory=dict)
+    # LSP name -> every MAC of its address entries
+    macs_of_lsp: dict[str, set[str]] = field(default_factory=dict)
+
+
+def _vif_addresses(port: NbSwitchPort) -> list[tuple[str, list[IpAddress]]]:
+    """(MAC, IPs) of each "MAC IP [IP...]" entry; keywords and junk skipped."""
+    entries = []
+    for entry in str_tuple(port.addresses):
+        tokens = entry.split()
+        if not tokens or tokens[0] in ADDRESS_KEYWORDS:
+            continue
+        mac = parse_mac(tokens[0])
+        if mac is None:
+            continue
+        ips = [ip for ip in (parse_ip(t) for t in tokens[1:]) if ip is not None]
+        entries.append((mac, ips))
+    return entries
+
+
+def index_topology(nb: NbView) -> TopologyIndex:
+    index = TopologyIndex()
+    routers = [r for r in _rows(nb.routers) if isinstance(r, NbRouter)]
+    router_of_lrp: dict[str, list[str]] = {}
+    for router in sorted(routers, key=lambda r: (as_str(r.name), as_str(r.uuid))):
+        for lb_uuid in str_tuple(router.load_balancers):
+            index.routers_by_lb.setdefault(lb_uuid, []).append(router)
+        for lrp in str_tuple(router.ports):
+            router_of_lrp.setdefault(lrp, []).append(as_str(router.uuid))
+
+    switch_ports = nb.switch_ports if isinstance(nb.switch_ports, Mapping) else {}
+    switches = [s for s in _rows(nb.switches) if isinstance(s, NbSwitch)]
+    for switch in sorted(switches, key=lambda s: as_str(s.uuid)):
+        switch_uuid = as_str(switch.uuid)
+        by_ip = index.addresses.setdefault(switch_uuid, {})
+        for lsp_name in str_tuple(switch.ports):
+            index.switches_of_lsp.setdefault(lsp_name, []).append(switch_uuid)
+            port = switch_ports.get(lsp_name)
+            if not isinstance(port, NbSwitchPort):
+                continue
+            if port.type == "router":
+                options = port.options if isinstance(port.options, Mapping) else {}
+                lrp = options.get("router-port")
+                if isinstance(lrp, str):
+                    for router_uuid in router_of_lrp.get(lrp, []):
+                        index.attachments.setdefault(router_uuid, {}).setdefault(
+                            switch_uuid, []).append(lrp)
+            elif port.type == "":
+                for mac, ips in _vif_addresses(port):
+                    index.macs_of_lsp.setdefault(lsp_name, set()).add(mac)
+                    for ip in ips:
+                        by_ip.setdefault(ip, []).append(_PortAddress(lsp_name, mac))
+    return index
+
+
+def _rows(table: object) -> list[object]:
+    return list(table.values()) if isinstance(table, Mapping) else []

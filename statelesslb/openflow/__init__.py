@@ -1,0 +1,1 @@
+"""The OpenFlow edge: ovs-ofctl, the diff against the bridge, table layout."""

@@ -1,0 +1,1 @@
+"""The pure core: from a snapshot, the flows and groups this chassis needs."""

@@ -1,0 +1,225 @@
+"""The backend chassis' part of an LB's plan - DNAT of VIP-port to the local backend and
+commit, un-DNAT of its replies, and the second chance for connections that moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from statelesslb.nb.model import (
+    SbView,
+    Snapshot,
+    TableLayout,
+)
+from statelesslb.nb.parse import parse_endpoint, parse_mac, show
+from statelesslb.nb.validate import (
+    ValidLb,
+    ValidVip,
+)
+from statelesslb.nb.weights import slot_ids
+from statelesslb.ofstrings import (
+    IpAddress,
+    dec_int,
+    endpoint_text,
+    hex_int,
+    ip_text,
+    mac_text,
+)
+from statelesslb.plan.candidate import Candidate, StoredIds
+from statelesslb.plan.lookups import l4_match, usable_binding, usable_datapath_key
+from statelesslb.plan.specs import MAX_TABLE, ROLE_BACKEND, FlowSpec, GroupSpec, PlanConfig
+
+
+@dataclass(frozen=True)
+class _LocalBackend:
+    """A backend whose VIF is bound on this chassis, with its SB keys."""
+
+    ip: IpAddress
+    port: int
+    key: str
+    mac: str
+    port_key: int
+    switch_dp: int
+    router_port_mac: str
+
+
+def plan_backends(
+    valid: ValidLb, ids: StoredIds, snapshot: Snapshot, config: PlanConfig, out: Candidate
+) -> None:
+    sb, tables = snapshot.sb, snapshot.tables
+    # Switch datapath key -> its router port's MAC, from every VIP's backends first:
+    # a backend only in a previous set may sit on a switch another VIP uses.
+    router_macs: dict[int, str] = {}
+    for vip in valid.vips:
+        for backend in vip.backends:
+            switch_dp = usable_datapath_key(sb, backend.switch_uuid)
+            if switch_dp is not None:
+                router_macs.setdefault(switch_dp, backend.router_port_mac)
+    for vip in valid.vips:
+        local = []
+        for backend in vip.backends:
+            binding = usable_binding(sb, backend.lsp_name)
+            if binding is None:
+                out.pending.append(
+                    f"no usable SB port binding for backend port {show(backend.lsp_name)} yet")
+                continue
+            switch_dp = usable_datapath_key(sb, backend.switch_uuid)
+            if switch_dp is None or binding.datapath_key != switch_dp:
+                out.pending.append(
+                    f"no usable SB datapath for the switch of {show(backend.lsp_name)} yet")
+                continue
+            if binding.chassis != snapshot.chassis:
+                continue
+            local.append(_LocalBackend(backend.ip, backend.port, backend.key, backend.mac,
+                                       binding.tunnel_key, switch_dp,
+                                       backend.router_port_mac))
+        previous = ids.previous.get(vip.key, {})
+        # Backends only in the previous set still hold connections: while the window
+        # is open their chassis keep un-DNATing replies and serving redirected packets.
+        current = {b.key for b in vip.backends}
+        for key, (_bid, mac_text_, lsp) in sorted(previous.items()):
+            if key in current:
+                continue
+            extra = _previous_backend(key, mac_text_, lsp, sb, snapshot.chassis, router_macs)
+            if extra is not None:
+                local.append(extra)
+        second_chance = (valid.second_chance and valid.protocol == "tcp")
+        prev_group = None
+        if second_chance and previous and local:
+            prev_group, targets = _previous_group(valid, vip, previous, ids, sb, config)
+            out.groups[prev_group.group_id] = (prev_group, vip.key)
+            # A redirected packet leaves through the previous owner's switch, which
+            # may be another switch of the router than the one it came in on.
+            l4, ip_prefix = l4_match(valid.protocol, vip.ip)
+            for dp in sorted(targets | {b.switch_dp for b in local}):
+                out.add_flow(FlowSpec(
+                    config.redirect_table, 100,
+                    f"{l4},metadata={hex_int(dp)},{ip_prefix}_dst={ip_text(vip.ip)},"
+                    f"tp_dst={dec_int(vip.port, 0xFFFF)}",
+                    f"resubmit(,{dec_int(tables.output, MAX_TABLE)})",
+                    config.cookie_prefix), vip.key)
+        for backend in local:
+            out.roles.add(ROLE_BACKEND)
+            _backend_flows(valid, vip, backend, second_chance, prev_group, tables, config,
+                           out)
+
+
+def _previous_backend(
+    key: str, mac: str, lsp: str, sb: SbView, chassis: str, router_macs: Mapping[int, str]
+) -> _LocalBackend | None:
+    endpoint = parse_endpoint(key)
+    canonical_mac = parse_mac(mac)
+    binding = usable_binding(sb, lsp)
+    if isinstance(endpoint, str) or canonical_mac is None or binding is None:
+        return None
+    if binding.chassis != chassis or binding.datapath_key not in router_macs:
+        return None
+    ip, port = endpoint
+    return _LocalBackend(ip, port, key, canonical_mac, binding.tunnel_key,
+                         binding.datapath_key, router_macs[binding.datapath_key])
+
+
+def _previous_group(
+    valid: ValidLb, vip: ValidVip, previous: Mapping[str, tuple[int, str, str]], ids: StoredIds,
+    sb: SbView, config: PlanConfig,
+) -> tuple[GroupSpec, set[int]]:
+    """The gateways' group as it was before the last change, on a backend's chassis,
+    and the switch datapaths its buckets send to.
+
+    Same bucket ids, same fields: it picks for a packet the backend the gateways
+    picked before the change, the one that holds the connection. Each bucket
+    steers there, on that backend's own switch (the group serves every local
+    backend, whatever its switch, and the previous owner may be on another switch
+    of the router): metadata = its switch, inport = 0 (no port; the caller's
+    inport belongs to the caller's switch and might equal the owner's key there,
+    which OVN's loopback check drops; written `0` as OVS prints it back, or every
+    resync would see a difference), outport = its port. The redirect table
+    then commits locally or outputs towards it once.
+    """
+    buckets = {}
+    targets: set[int] = set()
+    redirect = f"resubmit(,{dec_int(config.redirect_table, MAX_TABLE)})"
+    for key, (nb_bid, mac, lsp) in sorted(previous.items()):
+        canonical_mac = parse_mac(mac)
+        binding = usable_binding(sb, lsp)
+        # The slots as the gateways had them (weights as they are now).
+        slots = slot_ids(nb_bid, valid.weight(key))
+        if (canonical_mac is None or binding is None
+                or not 0 < binding.datapath_key <= 0xFFFFFFFF):
+            # Unknown now: no state to find anywhere, so serve it here.
+            actions = redirect
+        else:
+            targets.add(binding.datapath_key)
+            actions = (f"set_field:{canonical_mac}->eth_dst,"
+                       f"set_field:{hex_int(binding.datapath_key)}->metadata,"
+                       "set_field:0->reg14,"
+                       f"set_field:{hex_int(binding.tunnel_key)}->reg15,{redirect}")
+        buckets.update(dict.fromkeys(slots, actions))
+    return (GroupSpec(config.previous_group_base + ids.vip_ids[vip.key],
+                      valid.group_fields(vip), buckets), targets)
+
+
+def _backend_flows(
+    valid: ValidLb, vip: ValidVip, b: _LocalBackend, second_chance: bool,
+    prev_group: GroupSpec | None, tables: TableLayout, config: PlanConfig, out: Candidate,
+) -> None:
+    l4, ip_prefix = l4_match(valid.protocol, vip.ip)
+    port_key, dp_key = hex_int(b.port_key), hex_int(b.switch_dp)
+    zone = "zone=NXM_NX_REG13[0..15]"   # the port's own conntrack zone
+    vip_part = f"{ip_prefix}_dst={ip_text(vip.ip)},tp_dst={dec_int(vip.port, 0xFFFF)}"
+    out_next = dec_int(tables.ls_out_next, MAX_TABLE)
+    dnat = (f"ct(commit,table={out_next},{zone},"
+            f"nat(dst={endpoint_text(b.ip, b.port)}))")
+    rp_mac = mac_text(b.router_port_mac)
+    here = f"{l4},reg15={port_key},metadata={dp_key}"
+    reply = FlowSpec(
+        tables.ls_in_intercept, config.backend_priority,
+        f"{l4},reg14={port_key},metadata={dp_key},"
+        f"{ip_prefix}_src={ip_text(b.ip)},tp_src={dec_int(b.port, 0xFFFF)}",
+        f"ct(table={dec_int(tables.ls_in_next, MAX_TABLE)},{zone},nat)",
+        config.cookie_prefix,
+    )
+    out.add_flow(reply, vip.key)
+    if not second_chance:
+        out.add_flow(FlowSpec(tables.ls_out_intercept, config.backend_priority,
+                              f"{here},{vip_part}", dnat, config.cookie_prefix), vip.key)
+        return
+    decide = config.backend_decide_table
+    flows = [
+        # Look the packet up (un-committed); an existing entry also applies its DNAT.
+        FlowSpec(tables.ls_out_intercept, config.backend_priority, f"{here},{vip_part}",
+                 f"ct(table={dec_int(decide, MAX_TABLE)},{zone},nat)", config.cookie_prefix),
+        # Known connection (already DNATed by the lookup): on to the next stage.
+        FlowSpec(decide, 300, f"ct_state=-new-inv+trk,{here}",
+                 f"set_field:{rp_mac}->eth_src,resubmit(,{out_next})", config.cookie_prefix),
+        # An entry without a reply yet is still ct.new, but the lookup found it and
+        # DNATed the packet: the destination says so.
+        FlowSpec(decide, 250,
+                 f"ct_state=+trk,{here},{ip_prefix}_dst={ip_text(b.ip)},"
+                 f"tp_dst={dec_int(b.port, 0xFFFF)}",
+                 f"set_field:{rp_mac}->eth_src,resubmit(,{out_next})", config.cookie_prefix),
+        # A SYN opens a connection here.
+        FlowSpec(decide, 200, f"ct_state=+new+trk,tcp_flags=+syn-ack,{here},{vip_part}",
+                 dnat, config.cookie_prefix),
+        # Anything else new: serve it here (redirected packets land here too).
+        FlowSpec(decide, 100, f"ct_state=+new+trk,{here},{vip_part}",
+                 f"set_field:{rp_mac}->eth_src,{dnat}", config.cookie_prefix),
+        FlowSpec(decide, 50, f"ct_state=+inv+trk,{here}", "drop", config.cookie_prefix),
+        # Redirect table: the previous owner is this very backend -> serve here.
+        FlowSpec(config.redirect_table, 200,
+                 f"{l4},metadata={dp_key},dl_src={mac_text(b.mac)},dl_dst={mac_text(b.mac)},"
+                 f"{vip_part}",
+                 f"set_field:{port_key}->reg15,set_field:{rp_mac}->eth_src,{dnat}",
+                 config.cookie_prefix),
+    ]
+    if prev_group is not None:
+        # Mid-stream, no state here, straight from a gateway (eth.src is the router's):
+        # ask the previous bucket set who owned it. eth.src = our MAC marks the packet
+        # as redirected, so the next chassis never redirects it again: no loops.
+        flows.append(FlowSpec(
+            decide, 150, f"ct_state=+new+trk,{here},dl_src={rp_mac},{vip_part}",
+            f"set_field:{mac_text(b.mac)}->eth_src,group:{dec_int(prev_group.group_id)}",
+            config.cookie_prefix))
+    for flow in flows:
+        out.add_flow(flow, vip.key)
