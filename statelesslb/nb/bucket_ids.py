@@ -68,8 +68,13 @@ def allocate_ids(
     *,
     reserved: Set[int] = frozenset(),
     max_id: int = MAX_BUCKET_ID,
+    start: int = 1,
 ) -> dict[str, int]:
     """Ids for `keys`: surviving keys keep theirs, new keys get the smallest free id.
+
+    `start`: every id below it is in `reserved` (so the search for a free id may begin
+    there: with thousands of LBs, the NB writer's VIP ids are allocated in O(N), not
+    O(N^2)).
 
     Ids of keys no longer present are freed. New keys are numbered in sorted
     order (deterministic) from 1, skipping ids in use and `reserved` (ids that
@@ -85,7 +90,7 @@ def allocate_ids(
         if is_plain_int(old) and 1 <= old <= max_id and old not in taken:
             result[key] = old
             taken.add(old)
-    candidate = 1
+    candidate = max(1, start)
     for key in wanted:
         if key in result:
             continue
@@ -173,6 +178,13 @@ class _Blocked(Set[int]):
     def __init__(self, persisted: Set[int]):
         self._persisted = persisted
         self._new: set[int] = set()
+        self._floor = 1     # every id below it is blocked
+
+    def floor(self) -> int:
+        """The smallest id not blocked (every one below it is)."""
+        while self._floor in self:
+            self._floor += 1
+        return self._floor
 
     def __contains__(self, vip_id: object) -> bool:
         return vip_id in self._new or vip_id in self._persisted
@@ -305,7 +317,7 @@ def _desired_ids(
     try:
         vip_ids = allocate_ids(
             claims.kept.get(lb.uuid, {}), valid.vip_keys,
-            reserved=blocked_vip_ids, max_id=MAX_VIP_ID,
+            reserved=blocked_vip_ids, max_id=MAX_VIP_ID, start=blocked_vip_ids.floor(),
         )
         bucket_ids = allocate_ids(stored_buckets or {}, valid.backend_keys)
     except IdSpaceExhausted as exhausted:
