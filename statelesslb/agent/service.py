@@ -29,7 +29,12 @@ from statelesslb.nb import acks
 from statelesslb.nb.model import Snapshot, TableLayout
 from statelesslb.nb.validate import ValidationMemo
 from statelesslb.openflow import diff, tables
-from statelesslb.openflow.ofctl import InstalledState, Ofctl, OfctlError
+from statelesslb.openflow.ofctl import (
+    BULK_DUMP_MAX_BUCKETS,
+    InstalledState,
+    Ofctl,
+    OfctlError,
+)
 from statelesslb.openflow.wipe import WipeMonitor
 from statelesslb.plan import specs
 from statelesslb.plan.planner import IncrementalPlanner
@@ -274,7 +279,8 @@ class Agent:
                     known |= self._recorded.groups.keys()
                 self._installed = self.ofctl.read_state(
                     self.plan_config.cookie_prefix, *self.plan_config.group_range,
-                    known_groups=known)
+                    known_groups=known,
+                    bulk_ok=_largest_vip(nb_view) <= BULK_DUMP_MAX_BUCKETS)
                 self.status.last_full_sync = time.time()
                 touched_flows = touched_groups = None
                 clock.lap("read_bridge")
@@ -433,6 +439,17 @@ class _PhaseClock:
         self.laps[phase] = round((now - self._last) * 1000, 2)
         self.laps["total"] = round((now - self._start) * 1000, 2)
         self._last = now
+
+
+def _largest_vip(nb_view) -> int:
+    """The most backends any VIP of any NB load balancer (native ones too) lists: a
+    bound on the buckets of every LB group ovn-controller or we put on the bridge."""
+    largest = 0
+    for lb in nb_view.load_balancers.values():
+        for backends in lb.vips.values():
+            if isinstance(backends, str):
+                largest = max(largest, backends.count(",") + 1)
+    return largest
 
 
 def _union(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
