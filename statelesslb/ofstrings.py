@@ -9,8 +9,30 @@ OVS executes.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
+from typing import TypeVar
+
+_R = TypeVar("_R")
+
+
+def shared_results(fn: Callable[..., _R]) -> Callable[..., _R]:
+    """`fn`, with equal arguments giving the very same result object while it is among
+    the 4,096 latest: a backend's key, MAC or bucket text, repeated in every VIP and LB
+    it serves, is then kept once (docs/scale.md). Unhashable arguments (a fuzzer's) are
+    passed through uncached."""
+    cached = functools.lru_cache(maxsize=4096)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return cached(*args)
+        except TypeError:
+            return fn(*args)
+
+    return wrapper
 
 IpAddress = IPv4Address | IPv6Address
 
@@ -47,6 +69,7 @@ def ip_text(ip: IpAddress) -> str:
     return str(ip)
 
 
+@shared_results
 def endpoint_text(ip: IpAddress, port: int) -> str:
     """`10.0.0.11:8080` or `[fd00::11]:8080`, as in NB keys and `nat(dst=...)`."""
     address = ip_text(ip)

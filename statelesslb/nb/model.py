@@ -30,7 +30,7 @@ PERSISTENCE_OPTION = "stateless_persistence"   # "hash" | "affinity" | "second-c
 WINDOW_OPTION = "stateless_second_chance_window"  # seconds, default 240
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NbLoadBalancer:
     uuid: str
     name: str
@@ -45,7 +45,7 @@ class NbLoadBalancer:
         return self.options.get(MODE_OPTION) == MODE_MAC
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NbRouterPort:
     uuid: str
     name: str
@@ -66,7 +66,7 @@ class NbRouter:
     load_balancers: tuple[str, ...]   # NbLoadBalancer uuids
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NbSwitchPort:
     uuid: str
     name: str
@@ -93,7 +93,7 @@ class NbView:
     switch_ports: Mapping[str, NbSwitchPort]       # by name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SbPortBinding:
     logical_port: str
     tunnel_key: int

@@ -14,7 +14,7 @@ from statelesslb.nb.model import (
     MODE_MAC,
     MODE_OPTION,
 )
-from statelesslb.ofstrings import IpAddress, endpoint_text
+from statelesslb.ofstrings import IpAddress, endpoint_text, shared_results
 
 NO_PORT = "has no port"  # parse_endpoint's reason for a bare address
 
@@ -55,6 +55,7 @@ def parse_port(text: str) -> int | None:
     return port if 1 <= port <= 0xFFFF else None
 
 
+@shared_results
 def parse_mac(text: object) -> str | None:
     """Canonical lowercase MAC if `text` is a unicast, non-zero MAC."""
     if not isinstance(text, str) or not _MAC.fullmatch(text):

@@ -138,36 +138,99 @@ class Dependents:
 
     An LB whose keys are unknown (None: an invalid LB, whose error may name
     anything) counts as reading every key.
+
+    Kept small, as there are tens of keys per LB (docs/scale.md): LBs that read the
+    same keys share one entry (their "signature", the keys as a tuple), equal keys
+    are stored once, and where one reader is indexed it is kept without a set.
     """
 
     def __init__(self) -> None:
-        self._by_key: dict[object, set[str]] = {}
-        self._keys: dict[str, frozenset[object]] = {}
+        # key -> (the key object kept, the signature(s) holding it)
+        self._by_key: dict[object, tuple[object, _OneOrMore]] = {}
+        # signature -> (the signature object kept, its reader(s))
+        self._readers: dict[tuple[object, ...], tuple[tuple[object, ...], _OneOrMore]] = {}
+        self._keys: dict[str, tuple[object, ...]] = {}             # uuid -> its signature
         self._anything: set[str] = set()
 
-    def set(self, uuid: str, keys: frozenset[object] | None) -> None:
+    def set(self, uuid: str, keys: Iterable[object] | None) -> None:
         self.discard(uuid)
         if keys is None:
             self._anything.add(uuid)
             return
-        self._keys[uuid] = keys
-        for key in keys:
-            self._by_key.setdefault(key, set()).add(uuid)
+        # Ordered by hash: equal key sets give equal tuples (unequal keys of equal
+        # hash may come in either order: such sets then only fail to share an entry).
+        signature = tuple(sorted(set(keys), key=hash))
+        entry = self._readers.get(signature)
+        if entry is not None:
+            kept, readers = entry
+            self._readers[kept] = (kept, _add(readers, uuid))
+            self._keys[uuid] = kept    # the signature object already indexed
+            return
+        shared = []
+        for key in signature:
+            entry = self._by_key.get(key)
+            shared.append(entry[0] if entry is not None else key)
+        signature = tuple(shared)
+        for key in signature:
+            entry = self._by_key.get(key)
+            self._by_key[key] = (key, signature) if entry is None else (
+                entry[0], _add(entry[1], signature))
+        self._readers[signature] = (signature, uuid)
+        self._keys[uuid] = signature
 
     def discard(self, uuid: str) -> None:
         self._anything.discard(uuid)
-        for key in self._keys.pop(uuid, ()):
-            readers = self._by_key[key]
-            readers.discard(uuid)
-            if not readers:
+        signature = self._keys.pop(uuid, None)
+        if signature is None:
+            return
+        left = _remove(self._readers[signature][1], uuid)
+        if left is not None:
+            self._readers[signature] = (signature, left)
+            return
+        del self._readers[signature]
+        for key in signature:
+            kept, sigs = self._by_key[key]
+            left = _remove(sigs, signature)
+            if left is None:
                 del self._by_key[key]
+            else:
+                self._by_key[key] = (kept, left)
 
     def of(self, keys: Iterable[object]) -> set[str]:
         """The LBs that read any of `keys`, and those that may read anything."""
         found = set(self._anything)
         for key in keys:
-            found.update(self._by_key.get(key, ()))
+            entry = self._by_key.get(key)
+            if entry is None:
+                continue
+            for signature in _each(entry[1]):
+                found.update(_each(self._readers[signature][1]))
         return found
+
+
+# One item, or a set of several (a set of one costs ~200 bytes).
+_OneOrMore = object
+
+
+def _each(items: _OneOrMore) -> Iterable:
+    return items if isinstance(items, set) else (items,)
+
+
+def _add(items: _OneOrMore, item: object) -> _OneOrMore:
+    if isinstance(items, set):
+        items.add(item)
+        return items
+    return items if items == item else {items, item}
+
+
+def _remove(items: _OneOrMore, item: object) -> _OneOrMore | None:
+    """What is left without `item` (None: nothing)."""
+    if not isinstance(items, set):
+        return None if items == item else items
+    items.discard(item)
+    if len(items) == 1:
+        return next(iter(items))
+    return items or None
 
 
 def routers_of_lb(index: TopologyIndex, lb_uuid: object) -> tuple[str, ...]:
@@ -190,7 +253,7 @@ def topology_key(nb: NbView) -> object:
 # Topology index: built once per NbView, shared by every LB's validation.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _PortAddress:
     lsp_name: str
     mac: str

@@ -62,7 +62,7 @@ DEFAULT_PROTOCOL = "tcp"
 # ovn-northd does not care, but a status message should stay readable.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ValidBackend:
     ip: IpAddress
     port: int
@@ -74,7 +74,7 @@ class ValidBackend:
     router_port_mac: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ValidVip:
     ip: IpAddress
     port: int
@@ -82,7 +82,7 @@ class ValidVip:
     backends: tuple[ValidBackend, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ValidLb:
     uuid: str
     name: str
@@ -120,7 +120,7 @@ class ValidLb:
         return tuple(sorted({b.key for vip in self.vips for b in vip.backends}))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LbError:
     uuid: str
     name: str
@@ -237,7 +237,7 @@ def validate_lb(
         return LbError(uuid, name, f"cannot validate: unexpected {type(exc).__name__}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _ParsedVip:
     ip: IpAddress
     port: int

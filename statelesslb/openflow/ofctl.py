@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from statelesslb.plan.specs import our_cookies
@@ -35,11 +35,12 @@ class OfctlError(RuntimeError):
     """ovs-ofctl failed; the message carries its stderr."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InstalledGroup:
     group_id: int
     header: str                        # "type=select,selection_method=hash,fields(...)"
-    buckets: dict[int, str] = field(default_factory=dict)  # bucket id -> "weight:..,actions=.."
+    # bucket id -> "weight:..,actions=..", in the group's list order
+    buckets: Mapping[int, str] = field(default_factory=dict)
 
 
 @dataclass

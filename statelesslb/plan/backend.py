@@ -31,7 +31,7 @@ from statelesslb.plan.lookups import l4_match, usable_binding, usable_datapath_k
 from statelesslb.plan.specs import MAX_TABLE, ROLE_BACKEND, FlowSpec, GroupSpec, PlanConfig
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _LocalBackend:
     """A backend whose VIF is bound on this chassis, with its SB keys."""
 

@@ -54,7 +54,7 @@ class Candidate:
         self.vip_keys.add(vip_key)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredIds:
     vip_ids: Mapping[str, int]
     bucket_ids: Mapping[str, int]

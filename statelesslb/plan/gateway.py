@@ -24,6 +24,7 @@ from statelesslb.ofstrings import (
     hex_int,
     ip_text,
     mac_text,
+    shared_results,
 )
 from statelesslb.plan.candidate import Candidate, StoredIds
 from statelesslb.plan.lookups import backend_health, l4_match, usable_binding, usable_datapath_key
@@ -203,6 +204,7 @@ def _plan_affinity(
                           f"group:{dec_int(group.group_id)}", config.cookie_prefix), vip.key)
 
 
+@shared_results
 def _bucket_actions(backend: ValidBackend, router_port_key: int, tables: TableLayout) -> str:
     return (
         f"set_field:{mac_text(backend.router_port_mac)}->eth_src,"

@@ -17,6 +17,7 @@ Roles of a chassis for one LB:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ from statelesslb.plan.specs import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Owner:
     name: str
     uuid: str
@@ -91,7 +92,7 @@ class PlanUpdate:
     lbs: frozenset[str] | None        # LB uuids whose status may differ; None: any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Part:
     """One marked LB's plan, and what it was planned from."""
 
@@ -100,8 +101,9 @@ class _Part:
     status: LbPlanStatus | None       # set when the LB plans nothing (invalid, pending ids)
     candidate: Candidate | None
     until: float | None               # when its second-chance window closes
-    sb_reads: frozenset[object] = frozenset()   # SB keys its plan looked up
-    # What its validation read of the topology; None: anything (it failed validation).
+    # Until the planner indexed them (then empty): the SB keys its plan looked up, and
+    # what its validation read of the topology (None: anything, it failed validation).
+    sb_reads: frozenset[object] = frozenset()
     topology_deps: frozenset[object] | None = None
 
     @property
@@ -192,9 +194,11 @@ class IncrementalPlanner:
                 self._sb_readers.discard(uuid)
                 self._topology_readers.discard(uuid)
             else:
-                self._parts[uuid] = part
                 self._sb_readers.set(uuid, part.sb_reads)
                 self._topology_readers.set(uuid, part.topology_deps)
+                # Indexed now: the part need not keep its own copies (memory at scale).
+                self._parts[uuid] = dataclasses.replace(part, sb_reads=frozenset(),
+                                                        topology_deps=frozenset())
             if part is not None and part.candidate is not None and part.until is not None:
                 self._windows[uuid] = part.until
             else:

@@ -117,7 +117,7 @@ def group_delete_line(group_id: int) -> str:
     return checked_line(f"group delete group_id={group_id}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FlowSpec:
     table: int
     priority: int
@@ -158,7 +158,7 @@ class FlowSpec:
         return flow_delete_line(self.cookie)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GroupSpec:
     """A select group; `buckets` maps bucket id -> that bucket's action list."""
 
@@ -226,7 +226,7 @@ class GroupSpec:
         return group_delete_line(self.group_id)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LbPlanStatus:
     name: str
     state: str                       # STATE_OK, STATE_PENDING or STATE_ERROR
