@@ -1,0 +1,82 @@
+"""The compact structures issue 15 brought in hold what the plain ones held."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from statelesslb.nb.bucket_ids import _Blocked, allocate_ids
+from statelesslb.nb.topology import Dependents
+from statelesslb.openflow.diff import _PlannedBuckets, want_buckets
+from statelesslb.openflow.ofctl import parse_groups
+from statelesslb.plan.specs import GroupSpec
+
+KEYS = st.sampled_from([("ip", 1), ("ip", 2), ("lsp", "a"), ("lsp", "b"), ("router", "r"),
+                        ("binding", "x"), ("all",)])
+UUIDS = st.sampled_from(["u1", "u2", "u3", "u4"])
+STEPS = st.lists(st.tuples(
+    st.sampled_from(["set", "discard"]), UUIDS,
+    st.one_of(st.none(), st.frozensets(KEYS, max_size=5))), max_size=40)
+
+
+@settings(max_examples=300)
+@given(STEPS)
+def test_dependents_answers_as_a_plain_index(steps):
+    deps = Dependents()
+    model: dict[str, frozenset | None] = {}
+    for op, uuid, keys in steps:
+        if op == "set":
+            deps.set(uuid, keys)
+            model[uuid] = keys
+        else:
+            deps.discard(uuid)
+            model.pop(uuid, None)
+        for probe in ([("ip", 1)], [("lsp", "b"), ("all",)], [], [("router", "r"), ("ip", 2)]):
+            expected = {u for u, ks in model.items() if ks is None or not ks.isdisjoint(probe)}
+            assert deps.of(probe) == expected
+    for uuid in list(model):
+        deps.discard(uuid)
+    assert deps._by_key == {} and deps._readers == {} and deps._keys == {}
+
+
+def test_dependents_shares_one_entry_among_lbs_reading_the_same_keys():
+    deps = Dependents()
+    for i in range(100):
+        deps.set(f"u{i}", [("ip", 1), ("lsp", "a"), ("router", "r")])
+    assert len(deps._readers) == 1
+    assert deps.of([("lsp", "a")]) == {f"u{i}" for i in range(100)}
+    deps.set("u0", [("ip", 1)])
+    assert len(deps._readers) == 2
+    assert deps.of([("lsp", "a")]) == {f"u{i}" for i in range(1, 100)}
+
+
+@given(st.sets(st.integers(1, 60)), st.lists(st.sets(st.sampled_from("abcdef"), max_size=4),
+                                              max_size=8))
+def test_allocation_from_the_floor_is_the_smallest_free_id(persisted, batches):
+    # What the NB writer does for a batch of new LBs, with and without the start hint.
+    fast, slow = _Blocked(frozenset(persisted)), _Blocked(frozenset(persisted))
+    for keys in batches:
+        a = allocate_ids({}, keys, reserved=fast, start=fast.floor())
+        b = allocate_ids({}, keys, reserved=slow)
+        assert a == b
+        fast.update(a.values())
+        slow.update(b.values())
+
+
+def test_planned_buckets_read_as_the_rendered_ones():
+    group = GroupSpec(0x7000_0001, buckets={3: "output:1", 1: "output:2"})
+    lazy = _PlannedBuckets(group)
+    assert dict(lazy.items()) == want_buckets(group)
+    assert list(lazy) == [1, 3] and len(lazy) == 2 and lazy[3] == want_buckets(group)[3]
+
+
+def test_a_bridge_wide_dump_is_parsed_to_our_range_only():
+    dump = ("OFPST_GROUP_DESC reply (OF1.5):\n"
+            " group_id=5,type=select,selection_method=hash,bucket=bucket_id:0,actions=drop\n"
+            " group_id=1879048193,type=select,selection_method=hash,fields(ip_src),"
+            "bucket=bucket_id:1,weight:100,actions=output:1,"
+            "bucket=bucket_id:2,weight:100,actions=output:2\n")
+    groups = parse_groups(dump, 0x7000_0000, 0x7FFF_FFFF)
+    assert list(groups) == [0x7000_0001]
+    assert dict(groups[0x7000_0001].buckets) == {1: "weight:100,actions=output:1",
+                                                 2: "weight:100,actions=output:2"}
