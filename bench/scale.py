@@ -6,11 +6,17 @@ One gateway and one hypervisor with 16 VMs. For each size N (default 10, 100,
 - one backend change: NB commit -> the bucket gone from that LB's group on gw1
   (median of 5), i.e. whether a change costs more with more LBs;
 - the gw1 agent's CPU seconds and resident memory;
+- a full resync: gw1's agent restarted with the N groups in place, from its start to
+  its first full read of the bridge showing all N groups (it plans everything, reads
+  the bridge and compares);
 then the same N as OVN native LBs: NB commit -> ovn-controller on gw1 has
 installed all N native LBs' flows (its CPU time too), and one backend change
 of a native LB: NB commit -> gw1's group for that VIP has the new bucket count.
 
     .venv/bin/python bench/scale.py [--sizes 10,100,1000]
+
+It ends with a table of ratios against native (the issue 15 goals: install and resync
+<= 2x native's install, change <= native's change, RSS <= 250 MiB at 10,000).
 """
 
 from __future__ import annotations
@@ -22,18 +28,18 @@ import statistics
 import time
 
 from common import (
+    bucket_count,
     cpu_seconds,
     create,
     delete,
     group_count,
     rss_mib,
     running_sandbox,
-    toggle_backend,
 )
 
-from statelesslb.sandbox.agents import agent_ctl
+from statelesslb.sandbox.agents import agent_ctl, start_agent, stop_agent
 from statelesslb.sandbox.processes import wait_until
-from statelesslb.sandbox.traffic import GROUP_BASE
+from statelesslb.sandbox.traffic import GROUP_BASE, lb_ids
 
 
 def native_vips(chassis) -> int:
@@ -58,24 +64,27 @@ def main() -> None:
     sizes = [int(x) for x in args.sizes.split(",")]
     with running_sandbox(gateways=1, hypervisors=1, vms=16, resync=3600.0) as (sb, topo):
         gw = sb.chassis["gw1"]
-        agent = sb.agents["gw1"]["pid"]
         controller = sb.processes["gw1/ovn-controller"].pid
         backends = [f"{vm.ip}:8080" for vm in topo.vms]
         print(f"{'LBs':>6} {'install s':>10} {'change ms':>10} {'agent work ms':>14} "
               f"{'ovs-ofctl ms':>13} {'notice->done ms':>16} {'agent CPU s':>12} "
               f"{'agent RSS MiB':>14} | {'native install s':>17} {'native change ms':>17} "
               f"{'ovn-controller CPU s':>21}")
+        rows = []
         for n in sizes:
             # -- stateless ------------------------------------------------------
+            agent = sb.agents["gw1"]["pid"]
             cpu0 = cpu_seconds(agent)
             start = time.monotonic()
             create(sb, "s", n, backends, True, 20)
             wait_until(lambda n=n: group_count(gw, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF) >= n,
                        900, 0.2, f"{n} stateless groups on gw1")
             install = time.monotonic() - start
-            changes, own, bundle, noticed = [], [], [], []
+            changes, own, bundle, noticed, after = [], [], [], [], []
             for k in range(5):   # remove a backend, then add it back
-                changes.append(toggle_backend(sb, gw, "s", n, k, backends, 120))
+                total, since_commit = toggle(sb, gw, n, k, backends)
+                changes.append(total)
+                after.append(since_commit)
                 time.sleep(0.1)   # let the agent finish its iteration before asking
                 laps = json.loads(agent_ctl(sb, "gw1", "status"))["last_apply_ms"]
                 own.append(laps["total"] - laps["bundle"])
@@ -84,6 +93,7 @@ def main() -> None:
             time.sleep(1)
             used = cpu_seconds(agent) - cpu0
             rss = rss_mib(agent)
+            resync = restart_resync(sb, gw, n)
             delete(sb, "s", n)
             wait_until(lambda: group_count(gw, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF) == 0,
                        900, 0.2, "stateless groups removed")
@@ -97,7 +107,7 @@ def main() -> None:
                        f"{n} native VIPs' flows on gw1")
             native = time.monotonic() - start
             native_cpu = cpu_seconds(controller) - cpu1
-            native_changes = []
+            native_changes, native_after = [], []
             for k in range(5):
                 i = (k // 2 * 7) % n        # remove a backend, then add it back
                 vip = f"172.21.{i // 250}.{1 + i % 250}"
@@ -106,9 +116,11 @@ def main() -> None:
                 t0 = time.monotonic()
                 sb.nbctl("set", "load_balancer", f"n{i}",
                          f'vips:"{vip}:80"="{",".join(members)}"')
+                t1 = time.monotonic()
                 wait_until(lambda v=vip, w=count: native_buckets(gw, v) == w, 120, 0.01,
                            "the native change on gw1")
                 native_changes.append(time.monotonic() - t0)
+                native_after.append(time.monotonic() - t1)
             delete(sb, "n", n)
             wait_until(lambda: native_vips(gw) == 0, 900, 0.2, "native flows removed")
             print(f"{n:>6} {install:>10.2f} {statistics.median(changes) * 1000:>10.0f} "
@@ -117,6 +129,9 @@ def main() -> None:
                   f"{used:>12.2f} {rss:>14.1f} | {native:>17.2f} "
                   f"{statistics.median(native_changes) * 1000:>17.0f} {native_cpu:>21.2f}",
                   flush=True)
+            rows.append((n, install, native, resync, statistics.median(changes),
+                         statistics.median(native_changes), rss, statistics.median(after),
+                         statistics.median(native_after)))
         print("\ninstall: NB commit of all N LBs -> N groups on gw1; change: one backend of "
               "one LB removed or re-added -> gw1's group shows it (median of 5); "
               "agent work: the agent's iteration that applied it (NB read, NB write, "
@@ -124,6 +139,52 @@ def main() -> None:
               "notice->done: from the IDL's first notice of the change to the bundle "
               "done (20 ms debounce included); "
               "persistence=hash, so no two-phase settle second")
+        print(f"\n{'LBs':>6} {'install s':>10} {'native s':>9} {'ratio':>6} | "
+              f"{'resync s':>9} {'/native install':>16} | {'change ms':>10} "
+              f"{'native ms':>10} {'ratio':>6} | {'after commit ms':>16} {'native':>7} | "
+              f"{'RSS MiB':>8}")
+        for n, install, native, resync, change, native_change, rss, aft, native_aft in rows:
+            print(f"{n:>6} {install:>10.2f} {native:>9.2f} {install / native:>6.2f} | "
+                  f"{resync:>9.2f} {resync / native:>16.2f} | {change * 1000:>10.0f} "
+                  f"{native_change * 1000:>10.0f} {change / native_change:>6.2f} | "
+                  f"{aft * 1000:>16.0f} {native_aft * 1000:>7.0f} | {rss:>8.0f}")
+        print("resync: gw1's agent restarted with its groups in place, from the start to "
+              "its first full read listing all N groups; after commit: the change from "
+              "`ovn-nbctl` returning (its NB transaction committed) to the group seen "
+              "changed, without the client's own time (it downloads the whole NB); goals: "
+              "install and resync ratios <= 2, change ratio <= 1, RSS <= 250 MiB at 10,000",
+              flush=True)
+
+
+def toggle(sb, gw, n: int, k: int, backends: list[str]) -> tuple[float, float]:
+    """common.toggle_backend on the "s" LBs: (seconds from before the NB commit, seconds
+    from `ovn-nbctl` returning) to gw's group showing the new bucket count."""
+    name = f"s{(k // 2 * 7) % n}"
+    vip_ids, _ids = lb_ids(sb, name)
+    gid = GROUP_BASE + next(iter(vip_ids.values()))
+    vip = next(iter(vip_ids))
+    members = backends[:-1] if k % 2 == 0 else backends
+    t0 = time.monotonic()
+    sb.nbctl("set", "load_balancer", name, f'vips:"{vip}"="{",".join(members)}"')
+    t1 = time.monotonic()
+    wait_until(lambda: bucket_count(gw, gid) == len(members), 120, 0.01,
+               f"the change on {gw.name}")
+    done = time.monotonic()
+    return done - t0, done - t1
+
+
+def restart_resync(sb, gw, n: int) -> float:
+    """Restart gw's agent; seconds from its start to its full read of all n groups."""
+    stop_agent(sb, gw)
+    start = time.monotonic()
+    start_agent(sb, gw, debug=False, resync=3600.0)
+
+    def synced() -> bool:
+        status = json.loads(agent_ctl(sb, gw.name, "status"))
+        return bool(status.get("last_full_sync")) and status.get("groups_installed") == n
+
+    wait_until(synced, 900, 0.1, f"{gw.name}'s agent resynced")
+    return time.monotonic() - start
 
 
 if __name__ == "__main__":
