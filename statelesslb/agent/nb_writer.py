@@ -20,6 +20,8 @@ from statelesslb.nb.model import EXT_ACTIVE, EXT_PREVIOUS, NbView, SbView
 from statelesslb.nb.validate import ValidationMemo
 
 LOG = logging.getLogger(__name__)
+# Above this many LBs in one pass, each LB's line goes to DEBUG and INFO gets a summary.
+LOG_EACH_MAX = 50
 
 
 class NbWriter:
@@ -68,7 +70,10 @@ class NbWriter:
                     LOG.warning("LB %s: gateways moved to the new bucket set without the "
                                 "acknowledgement of %s (late or gone): sessions there may "
                                 "break", lb.name, ", ".join(late))
-                LOG.info("LB %s: %s", lb.name, _describe(delta))
+                # One line per LB at INFO for a few; a batch of thousands is summed up
+                # below (10,000 lines cost the agent seconds, docs/scale.md).
+                LOG.log(logging.INFO if len(changes) <= LOG_EACH_MAX else logging.DEBUG,
+                        "LB %s: %s", lb.name, _describe(delta))
                 LOG.debug("LB %s: full values %s", lb.name, delta)
             status = txn.commit_block()
         if status not in (ovs_idl.Transaction.SUCCESS, ovs_idl.Transaction.UNCHANGED):

@@ -381,6 +381,9 @@ class Agent:
         """Log the status of the LBs that changed (`lbs`; None: look at all)."""
         before = old.lb_status if old is not None else {}
         uuids = set(new.lb_status) | set(before) if lbs is None else lbs
+        # A batch of thousands: OK lines at DEBUG and a count at INFO (warnings stay).
+        quiet = len(uuids) > nb_writer.LOG_EACH_MAX
+        quieted = 0
         for uuid in sorted(uuids, key=lambda u: (new.lb_status.get(u) or before[u]).name):
             status, prev = new.lb_status.get(uuid), before.get(uuid)
             if status is None:
@@ -391,9 +394,14 @@ class Agent:
                     status.state, status.message, status.roles):
                 continue
             level = logging.WARNING if status.state == specs.STATE_ERROR else logging.INFO
+            if quiet and level == logging.INFO:
+                level = logging.DEBUG
+                quieted += 1
             LOG.log(level, "LB %s: %s%s (here: %s)", status.name, status.state,
                     f": {status.message}" if status.message else "",
                     ", ".join(status.roles) or "nothing")
+        if quieted:
+            LOG.info("%d LBs changed status (each at DEBUG)", quieted)
 
     def _refresh_layout(self) -> None:
         try:

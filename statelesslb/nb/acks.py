@@ -126,9 +126,11 @@ def installed_previous(lbs: Mapping[str, NbLoadBalancer], planned: Iterable[str]
         if not isinstance(lb, NbLoadBalancer) or not isinstance(lb.external_ids, Mapping):
             continue
         since = _since(lb.external_ids.get(EXT_PREVIOUS))
+        if since is None:
+            continue   # most LBs: no previous set (cheap, this runs over every LB)
         window = parse_window(lb.options)
         # The planner installs the previous set while now < since + window.
-        if since is not None and window is not None and now < since + window:
+        if window is not None and now < since + window:
             out[uuid] = since
     return out
 
