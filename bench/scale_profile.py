@@ -78,10 +78,11 @@ def stop_profile(proc, out: Path, label: str, top: int) -> None:
 
 def memory(sb, size: int) -> None:
     """What each piece of the agent holds, built here in-process against the sandbox."""
-    from statelesslb import diff, planner, watchers
     from statelesslb.buckets import NbReconciler
     from statelesslb.model import Snapshot, TableLayout
     from statelesslb.validate import ValidationMemo
+
+    from statelesslb import diff, planner, watchers
 
     def noop(source, reconnected):
         pass

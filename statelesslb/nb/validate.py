@@ -172,7 +172,8 @@ class ValidationMemo:
 
     def __init__(self) -> None:
         self._topology: object = None
-        self._results: dict[object, ValidLb | LbError] = {}
+        # LB uuid -> its latest ((memo key, result), ...)
+        self._results: dict[str, tuple[tuple[object, ValidLb | LbError], ...]] = {}
 
     def scope(self, nb: NbView, topology: object = UNSET) -> ValidationMemo:
         """Call once per pass over the LBs: compares the topology once, not per LB.
@@ -198,12 +199,16 @@ class ValidationMemo:
             hash(key)
         except Exception:
             return validate_lb(lb, nb, index)
-        result = self._results.get(key)
-        if result is None:
-            result = validate_lb(lb, nb, index)
-            if len(self._results) > 200_000:
-                self._results.clear()
-            self._results[key] = result
+        # The last two results per LB (the NB writer and the planner may look at two
+        # versions of a row in turn): a churning LB must not pile up stale results.
+        kept = self._results.get(lb.uuid, ())
+        for old_key, result in kept:
+            if old_key == key:
+                return result
+        result = validate_lb(lb, nb, index)
+        if len(self._results) > 200_000:
+            self._results.clear()
+        self._results[lb.uuid] = ((key, result), *kept[:1])
         return result
 
 

@@ -80,3 +80,30 @@ def test_a_bridge_wide_dump_is_parsed_to_our_range_only():
     assert list(groups) == [0x7000_0001]
     assert dict(groups[0x7000_0001].buckets) == {1: "weight:100,actions=output:1",
                                                  2: "weight:100,actions=output:2"}
+
+
+def test_the_validation_memo_keeps_two_results_per_lb_however_often_it_changes():
+    import dataclasses
+
+    from statelesslb.nb.topology import index_topology
+    from statelesslb.nb.validate import ValidationMemo
+
+    from .factories import Topo
+
+    topo = Topo()
+    topo.add_router("lr0", 3, {"lr0-public": "gw1"})
+    topo.add_switch("ls0", 1)
+    for i in range(4):
+        topo.add_vif("ls0", f"vm{i}", f"50:54:00:00:01:{i:02x}", f"10.0.0.{11 + i}", "hv1")
+    topo.add_lb("s0", {"172.20.0.1:80": "10.0.0.11:8080"})
+    memo = ValidationMemo()
+    lb = topo.lb("s0")
+    for k in range(2, 5):
+        members = ",".join(f"10.0.0.{11 + j}:8080" for j in range(k))
+        lb = dataclasses.replace(lb, vips={"172.20.0.1:80": members})
+        nb = dataclasses.replace(topo.nb(), load_balancers={lb.uuid: lb})
+        memo.scope(nb)
+        first = memo.validate(lb, nb, index_topology(nb))
+        assert memo.validate(lb, nb, index_topology(nb)) is first   # a hit
+        assert len(first.backend_keys) == k
+    assert len(memo._results) == 1 and len(memo._results[lb.uuid]) == 2
