@@ -29,7 +29,7 @@ from common import create, group_count, rss_mib, running_sandbox
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from statelesslb.sandbox import agents as sandbox_agents  # noqa: E402
-from statelesslb.sandbox.core import wait_until  # noqa: E402
+from statelesslb.sandbox.processes import wait_until  # noqa: E402
 from statelesslb.sandbox.traffic import GROUP_BASE  # noqa: E402
 
 
@@ -78,11 +78,12 @@ def stop_profile(proc, out: Path, label: str, top: int) -> None:
 
 def memory(sb, size: int) -> None:
     """What each piece of the agent holds, built here in-process against the sandbox."""
-    from statelesslb.buckets import NbReconciler
-    from statelesslb.model import Snapshot, TableLayout
-    from statelesslb.validate import ValidationMemo
-
-    from statelesslb import diff, planner, watchers
+    from statelesslb.agent import watchers
+    from statelesslb.nb.bucket_ids import NbReconciler
+    from statelesslb.nb.model import Snapshot, TableLayout
+    from statelesslb.nb.validate import ValidationMemo
+    from statelesslb.openflow import diff
+    from statelesslb.plan import planner, specs
 
     def noop(source, reconnected):
         pass
@@ -118,7 +119,7 @@ def memory(sb, size: int) -> None:
     del chassis
     layout_text = json.loads(sandbox_agents.agent_ctl(sb, "gw1", "status"))["layout"]
     layout = TableLayout(**layout_text)
-    plan_builder = planner.IncrementalPlanner(planner.PlanConfig(), validation)
+    plan_builder = planner.IncrementalPlanner(specs.PlanConfig(), validation)
     update = plan_builder.update(Snapshot(nb_view, sb_view, gw.name, layout), time.time())
     step("planner + plan")
     installed = diff.state_after(update.plan)
