@@ -107,3 +107,54 @@ def test_the_validation_memo_keeps_two_results_per_lb_however_often_it_changes()
         assert memo.validate(lb, nb, index_topology(nb)) is first   # a hit
         assert len(first.backend_keys) == k
     assert len(memo._results) == 1 and len(memo._results[lb.uuid]) == 2
+
+
+class _CannedOfctl:
+    """Ofctl.groups' decision on canned ovs-ofctl output (which commands it runs)."""
+
+    def __init__(self, stats: str, groups: dict[str, str]):
+        from statelesslb.openflow.ofctl import Ofctl
+
+        self.ofctl = Ofctl("unix:/nonexistent")
+        self.ran: list[tuple[str, ...]] = []
+
+        def run(*args: str, stdin: str | None = None) -> str:
+            self.ran.append(args)
+            if args[0] == "dump-group-stats":
+                return stats
+            if args[0] == "dump-groups":
+                return "".join(groups.values()) if len(args) == 1 else groups[args[1]]
+            raise AssertionError(args)
+
+        self.ofctl.run = run
+
+
+def _stats_line(gid: int, buckets: int) -> str:
+    counters = "".join(f",bucket{i}:packet_count=0,byte_count=0" for i in range(buckets))
+    return (f" group_id={gid},duration=1.0s,ref_count=1,packet_count=0,byte_count=0"
+            f"{counters}\n")
+
+
+def _group_line(gid: int) -> str:
+    return (f" group_id={gid},type=select,selection_method=hash,"
+            "bucket=bucket_id:1,weight:100,actions=output:1\n")
+
+
+def test_groups_are_read_in_one_dump_only_when_every_group_is_small():
+    ours, native = 0x7000_0001, 5
+    groups = {str(ours): _group_line(ours), str(native): _group_line(native)}
+    small = _CannedOfctl(_stats_line(ours, 1) + _stats_line(native, 300), groups)
+    assert list(small.ofctl.groups(0x7000_0000, 0x7FFF_FFFF, [ours], bulk_ok=True)) == [ours]
+    assert ("dump-groups",) in small.ran and ("dump-groups", str(ours)) not in small.ran
+    # One group over the limit (an OVN LB of 301 backends): ours one by one.
+    large = _CannedOfctl(_stats_line(ours, 1) + _stats_line(native, 301), groups)
+    assert list(large.ofctl.groups(0x7000_0000, 0x7FFF_FFFF, [ours], bulk_ok=True)) == [ours]
+    assert ("dump-groups",) not in large.ran and ("dump-groups", str(ours)) in large.ran
+    # Stats that leave out a group we know of (a group over 64 KiB hides some): the same.
+    partial = _CannedOfctl(_stats_line(native, 1), groups)
+    partial.ofctl.groups(0x7000_0000, 0x7FFF_FFFF, [ours], bulk_ok=True)
+    assert ("dump-groups",) not in partial.ran
+    # The caller did not vouch for the NB's LBs: never a bridge-wide dump.
+    unsure = _CannedOfctl(_stats_line(ours, 1), groups)
+    unsure.ofctl.groups(0x7000_0000, 0x7FFF_FFFF, [ours])
+    assert ("dump-groups",) not in unsure.ran
