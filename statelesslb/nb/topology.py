@@ -163,7 +163,7 @@ class Dependents:
         entry = self._readers.get(signature)
         if entry is not None:
             kept, readers = entry
-            self._readers[kept] = (kept, _add(readers, uuid))
+            self._readers[kept] = (kept, add_member(readers, uuid))
             self._keys[uuid] = kept    # the signature object already indexed
             return
         shared = []
@@ -174,7 +174,7 @@ class Dependents:
         for key in signature:
             entry = self._by_key.get(key)
             self._by_key[key] = (key, signature) if entry is None else (
-                entry[0], _add(entry[1], signature))
+                entry[0], add_member(entry[1], signature))
         self._readers[signature] = (signature, uuid)
         self._keys[uuid] = signature
 
@@ -183,14 +183,14 @@ class Dependents:
         signature = self._keys.pop(uuid, None)
         if signature is None:
             return
-        left = _remove(self._readers[signature][1], uuid)
+        left = remove_member(self._readers[signature][1], uuid)
         if left is not None:
             self._readers[signature] = (signature, left)
             return
         del self._readers[signature]
         for key in signature:
             kept, sigs = self._by_key[key]
-            left = _remove(sigs, signature)
+            left = remove_member(sigs, signature)
             if left is None:
                 del self._by_key[key]
             else:
@@ -208,7 +208,7 @@ class Dependents:
         return found
 
 
-# One item, or a set of several (a set of one costs ~200 bytes).
+# One item, or a set of several (a set of one costs ~200 bytes). Items are never sets.
 _OneOrMore = object
 
 
@@ -216,15 +216,17 @@ def _each(items: _OneOrMore) -> Iterable:
     return items if isinstance(items, set) else (items,)
 
 
-def _add(items: _OneOrMore, item: object) -> _OneOrMore:
+def add_member(items: _OneOrMore, item: object) -> _OneOrMore:
+    """`items` (one item or a set of several) with `item` too."""
     if isinstance(items, set):
         items.add(item)
         return items
     return items if items == item else {items, item}
 
 
-def _remove(items: _OneOrMore, item: object) -> _OneOrMore | None:
-    """What is left without `item` (None: nothing)."""
+def remove_member(items: _OneOrMore, item: object) -> _OneOrMore | None:
+    """What is left of `items` (one item or a set of several) without `item` (None:
+    nothing)."""
     if not isinstance(items, set):
         return None if items == item else items
     items.discard(item)

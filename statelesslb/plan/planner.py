@@ -35,7 +35,9 @@ from statelesslb.nb.topology import (
     Dependents,
     TopologyCache,
     TopologyState,
+    add_member,
     changed_keys,
+    remove_member,
     same_objects,
 )
 from statelesslb.nb.validate import (
@@ -256,9 +258,11 @@ class _Merged:
         self.statuses: dict[str, LbPlanStatus] = {}
         # Who uses each flow key / group id ("" is the sentinel): identical flows may be
         # shared, and one leaves the bridge only with its last user.
-        self.flow_users: dict[tuple[int, int, str], set[str]] = {sentinel.key: {""}}
+        # One user is kept as its uuid, several as a set (a set of one is ~200 bytes, and
+        # a backend chassis has tens of thousands of flows: docs/scale.md).
+        self.flow_users: dict[tuple[int, int, str], str | set[str]] = {sentinel.key: ""}
         self.flow_by_key: dict[tuple[int, int, str], FlowSpec] = {sentinel.key: sentinel}
-        self.group_users: dict[int, set[str]] = {}
+        self.group_users: dict[int, str | set[str]] = {}
         self.accepted: dict[str, Candidate] = {}
         self.conflicted: set[str] = set()
         self.touched_flows: set[int] = set()
@@ -337,32 +341,38 @@ class _Merged:
     def _add(self, uuid: str, candidate: Candidate) -> None:
         self.accepted[uuid] = candidate
         for key, (flow, _vip) in candidate.flows.items():
-            users = self.flow_users.setdefault(key, set())
-            if not users:
+            users = self.flow_users.get(key)
+            if users is None:
+                self.flow_users[key] = uuid
                 self.flow_by_key[key] = flow
                 self.flows[flow.cookie] = flow
                 self.touched_flows.add(flow.cookie)
-            users.add(uuid)
+            else:
+                self.flow_users[key] = add_member(users, uuid)
         for group_id, (group, _vip) in candidate.groups.items():
-            users = self.group_users.setdefault(group_id, set())
-            if not users:
+            users = self.group_users.get(group_id)
+            if users is None:
+                self.group_users[group_id] = uuid
                 self.groups[group_id] = group
                 self.touched_groups.add(group_id)
-            users.add(uuid)
+            else:
+                self.group_users[group_id] = add_member(users, uuid)
 
     def _remove(self, uuid: str, candidate: Candidate) -> None:
         for key, (flow, _vip) in candidate.flows.items():
-            users = self.flow_users[key]
-            users.discard(uuid)
-            if not users:
+            left = remove_member(self.flow_users[key], uuid)
+            if left is None:
                 del self.flow_users[key], self.flow_by_key[key], self.flows[flow.cookie]
                 self.touched_flows.add(flow.cookie)
+            else:
+                self.flow_users[key] = left
         for group_id in candidate.groups:
-            users = self.group_users[group_id]
-            users.discard(uuid)
-            if not users:
+            left = remove_member(self.group_users[group_id], uuid)
+            if left is None:
                 del self.group_users[group_id], self.groups[group_id]
                 self.touched_groups.add(group_id)
+            else:
+                self.group_users[group_id] = left
 
 
 def _conflict_status(name: str, conflict: str) -> LbPlanStatus:
