@@ -73,7 +73,7 @@ class WatchedIdl(connection.OvsdbIdl):
     """An IDL that reports row changes and reconnects to the agent, and notes changed rows.
 
     No ovsdbapp row events: their matching formats every row for a debug message
-    and copies it for the event thread, which at 10,000 LBs was a third of the
+    and copies it for the event thread, which at 1,000 LBs was a third of the
     agent's CPU time (docs/scale.md); the agent only needs "something changed".
     """
 
