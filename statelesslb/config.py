@@ -157,9 +157,7 @@ STATELESSLB_OPTS = [
         "debounce",
         default=0.02,
         min=0.0,
-        help="Seconds to gather database changes before recomputing, when they come "
-        "within this long of the previous recompute (a change after a quiet spell is "
-        "applied at once).",
+        help="Seconds to gather database changes before recomputing.",
     ),
 ]
 

@@ -208,16 +208,11 @@ class Agent:
             timeout = max(0.0, self._next_periodic - time.monotonic())
             if self._retry_at is not None:
                 timeout = min(timeout, max(0.0, self._retry_at - time.monotonic()))
-            waited_from = time.monotonic()
             self._wake.wait(timeout)
             if self._stop.is_set():
                 break
-            # Gather a burst of changes into one recompute: when a change comes within
-            # `debounce` of the last iteration, wait that long for more. A change after
-            # a quiet spell goes at once (20 ms less for an isolated change, docs/scale.md);
-            # those that follow it close behind are gathered for the next iteration.
-            if time.monotonic() - waited_from < self.conf.statelesslb.debounce:
-                time.sleep(self.conf.statelesslb.debounce)
+            # Gather a burst of changes into one recompute.
+            time.sleep(self.conf.statelesslb.debounce)
             self._wake.clear()
             now = time.monotonic()
             if now >= self._next_periodic:
