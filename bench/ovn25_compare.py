@@ -49,7 +49,6 @@ from persistence import Bench, run_changes, run_cost
 
 from statelesslb.sandbox import Sandbox
 from statelesslb.sandbox import agents as sandbox_agents
-from statelesslb.sandbox.core import wait_until
 from statelesslb.sandbox.netns import (
     ECHO_PORT,
     HTTP_PORT,
@@ -58,6 +57,7 @@ from statelesslb.sandbox.netns import (
     netns_available,
     real_sandbox,
 )
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.topology import Vm, add_second_dgp
 from statelesslb.sandbox.traffic import (
     GROUP_BASE,
