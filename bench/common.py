@@ -1,9 +1,11 @@
 """What every benchmark shares: a sandbox with agents, process counters, percentiles,
-batches of LBs and the remove-then-re-add backend change some of them time."""
+batches of LBs, the remove-then-re-add backend change some of them time, and real HTTP
+load from the netns mode's client with the gateways' counters around it."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -14,10 +16,12 @@ from pathlib import Path
 
 from statelesslb.sandbox import Sandbox, Topology, build_lb_topology
 from statelesslb.sandbox import agents as sandbox_agents
+from statelesslb.sandbox.netns import TCPAPPS, NetnsLab, python3
 from statelesslb.sandbox.processes import wait_until
-from statelesslb.sandbox.traffic import GROUP_BASE, lb_ids
+from statelesslb.sandbox.traffic import GROUP_BASE, conntrack_lines, lb_ids
 
 TICK = os.sysconf("SC_CLK_TCK")
+_LOOKUPS = re.compile(r"lookups: hit:(\d+) missed:(\d+) lost:(\d+)")
 
 
 @contextlib.contextmanager
@@ -116,3 +120,111 @@ def toggle_backend(sb, gw, prefix: str, n: int, k: int, backends: list[str],
     wait_until(lambda: bucket_count(gw, gid) == count, timeout, 0.01,
                f"the change on {gw.name}")
     return time.monotonic() - t0
+
+
+# -- real HTTP load (netns mode) -------------------------------------------------------
+
+
+def vswitchd_cpu(sb: Sandbox) -> dict[str, float]:
+    out = {}
+    for name in [*sb.chassis, "net"]:
+        rec = sb.processes.get(f"{name}/ovs-vswitchd")
+        if rec is not None and rec.alive():
+            out[name] = cpu_seconds(rec.pid)
+    return out
+
+
+def gw_threads(sb: Sandbox) -> dict[str, float]:
+    """gw1's ovs-vswitchd CPU seconds by thread kind (main thread user and system time,
+    revalidators, handlers, ...): system time of the main thread is mostly the dummy
+    datapath's socket I/O, the same per packet for every configuration."""
+    pid = sb.chassis["gw1"].pid_of("ovs-vswitchd")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "stat").read_text()
+        except OSError:
+            continue   # the thread ended meanwhile
+        comm = text[text.index("(") + 1:text.rindex(")")].rstrip("0123456789")
+        utime, stime = (int(v) / TICK for v in text.rsplit(")", 1)[1].split()[11:13])
+        if comm == "ovs-vswitchd":
+            out["main user"] = out.get("main user", 0.0) + utime
+            out["main system"] = out.get("main system", 0.0) + stime
+        else:
+            out[comm] = out.get(comm, 0.0) + utime + stime
+    return out
+
+
+def upcalls(chassis) -> int:
+    """Datapath lookups that missed every megaflow: upcalls (dpctl/show, all datapaths)."""
+    return sum(int(m.group(2)) for m in _LOOKUPS.finditer(chassis.appctl("dpctl/show")))
+
+
+def pmd_stats(chassis) -> dict[str, float]:
+    """The userspace datapath's own counters for the gateway's main thread."""
+    stats: dict[str, float] = {}
+    for line in chassis.appctl("dpif-netdev/pmd-stats-show").splitlines():
+        key, sep, value = line.strip().partition(":")
+        number = value.strip().split(" ")[0]
+        if sep and number.replace(".", "", 1).isdigit():
+            stats[key] = stats.get(key, 0.0) + float(number)
+    return stats
+
+
+def vip_dp_flows(chassis, vip: str, side: str = "dst") -> list[str]:
+    """The gateway's datapath flows whose match names the VIP as destination (towards the
+    backends) or, with side="src", as source (replies)."""
+    needles = (f"{side}={vip},", f"{side}={vip}/")   # exact, or masked (replies)
+    return [line for line in chassis.dump_dp_flows().splitlines()
+            if any(n in line for n in needles)]
+
+
+def run_load(sb: Sandbox, lab: NetnsLab, label: str, vip: str, sources: str, *,
+             clients: int, duration: float, max_requests: int,
+             ct_needle: str | None = None) -> dict:
+    """One `tcpapps.py load` run from the client namespace (one GET of /who per new TCP
+    connection to vip:80, from the addresses of `sources` in turn, or the client's own
+    when empty), with the gateways' and backends' counters around it.
+
+    ct_needle: what a conntrack line of this run's connections contains (default
+    "dst=<vip>,"; OVN's use_stateless_nat commits the backend as destination, so count
+    those by client source instead).
+    """
+    out = lab.dir / f"load-{label}.json"
+    out.unlink(missing_ok=True)
+    gw = sb.chassis["gw1"]
+    gw.appctl("dpif-netdev/pmd-stats-clear")
+    cpu0, up0, th0 = vswitchd_cpu(sb), upcalls(gw), gw_threads(sb)
+    hv_up0 = sum(upcalls(c) for c in sb.hypervisor_chassis)
+    argv = [python3(), "-u", TCPAPPS, "load", "--vip", vip, "--port", "80",
+            "--path", "/who", "--clients", str(clients),
+            "--duration", str(duration), "--timeout", "5",
+            "--max-requests", str(max_requests), "--out", str(out)]
+    if sources:
+        argv += ["--sources", sources]
+    lab.start("client", f"load-{label}", argv)
+    name = lab.process_name("client", f"load-{label}")
+    wait_until(lambda: not sb.is_running(name), duration + 30, 0.1,
+               f"load run {label} to finish")
+    cpu1, up1, th1 = vswitchd_cpu(sb), upcalls(gw), gw_threads(sb)
+    result_hv_upcalls = sum(upcalls(c) for c in sb.hypervisor_chassis) - hv_up0
+    result = json.loads(out.read_text())
+    result["vswitchd_cpu_s"] = {k: round(cpu1[k] - cpu0.get(k, 0.0), 3) for k in cpu1}
+    result["upcalls_gw1"] = up1 - up0
+    result["gw1_threads_s"] = {k: round(v - th0.get(k, 0.0), 3) for k, v in th1.items()}
+    result["upcalls_hv"] = result_hv_upcalls
+    result["pmd_gw1"] = pmd_stats(gw)
+    flows = vip_dp_flows(gw, vip)
+    result["vip_dp_flows_gw1"] = len(flows)
+    result["vip_dp_flow_samples"] = flows[:3]
+    result["reply_dp_flows_gw1"] = len(vip_dp_flows(gw, vip, "src"))
+    needle = ct_needle or f"dst={vip},"
+    result["conntrack_gw1"] = len(conntrack_lines(gw, needle))
+    result["conntrack_backends"] = sum(
+        len(conntrack_lines(c, needle)) for c in sb.hypervisor_chassis)
+    return result
+
+
+def per_1000(seconds: float | None, ok: int) -> float | None:
+    """CPU milliseconds per 1,000 connections."""
+    return None if seconds is None or not ok else round(seconds * 1e6 / ok, 1)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import re
 import shutil
 import statistics
 import sys
@@ -39,110 +38,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import TICK, cpu_seconds
+from common import per_1000, run_load
 
 from statelesslb.nb.hashing import DEFAULT_HASH, HashOptionError, parse_hash
 from statelesslb.observe.predict import FlowTuple, predict_bucket
 from statelesslb.plan.specs import BUCKET_WEIGHT
 from statelesslb.sandbox import agents as sandbox_agents
 from statelesslb.sandbox import netns as N
-from statelesslb.sandbox.core import Sandbox
-from statelesslb.sandbox.processes import wait_until
-from statelesslb.sandbox.traffic import conntrack_lines, lb_ids, wait_lb_ready
+from statelesslb.sandbox.traffic import lb_ids, wait_lb_ready
 
 NATIVE_VIP = "172.16.0.110"
 PHASES = ("cold", "warm")
-_LOOKUPS = re.compile(r"lookups: hit:(\d+) missed:(\d+) lost:(\d+)")
-
-
-def vswitchd_cpu(sb: Sandbox) -> dict[str, float]:
-    out = {}
-    for name in [*sb.chassis, "net"]:
-        rec = sb.processes.get(f"{name}/ovs-vswitchd")
-        if rec is not None and rec.alive():
-            out[name] = cpu_seconds(rec.pid)
-    return out
-
-
-def gw_threads(sb: Sandbox) -> dict[str, float]:
-    """gw1's ovs-vswitchd CPU seconds by thread kind (main thread user and system time,
-    revalidators, handlers, ...): system time of the main thread is mostly the dummy
-    datapath's socket I/O, the same per packet for every configuration."""
-    pid = sb.chassis["gw1"].pid_of("ovs-vswitchd")
-    out: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            text = (task / "stat").read_text()
-        except OSError:
-            continue   # the thread ended meanwhile
-        comm = text[text.index("(") + 1:text.rindex(")")].rstrip("0123456789")
-        utime, stime = (int(v) / TICK for v in text.rsplit(")", 1)[1].split()[11:13])
-        if comm == "ovs-vswitchd":
-            out["main user"] = out.get("main user", 0.0) + utime
-            out["main system"] = out.get("main system", 0.0) + stime
-        else:
-            out[comm] = out.get(comm, 0.0) + utime + stime
-    return out
-
-
-def upcalls(chassis) -> int:
-    """Datapath lookups that missed every megaflow: upcalls (dpctl/show, all datapaths)."""
-    return sum(int(m.group(2)) for m in _LOOKUPS.finditer(chassis.appctl("dpctl/show")))
-
-
-def pmd_stats(chassis) -> dict[str, float]:
-    """The userspace datapath's own counters for the gateway's main thread."""
-    stats: dict[str, float] = {}
-    for line in chassis.appctl("dpif-netdev/pmd-stats-show").splitlines():
-        key, sep, value = line.strip().partition(":")
-        number = value.strip().split(" ")[0]
-        if sep and number.replace(".", "", 1).isdigit():
-            stats[key] = stats.get(key, 0.0) + float(number)
-    return stats
-
-
-def vip_dp_flows(chassis, vip: str, side: str = "dst") -> list[str]:
-    """The gateway's datapath flows whose match names the VIP as destination (towards the
-    backends) or, with side="src", as source (replies)."""
-    needles = (f"{side}={vip},", f"{side}={vip}/")   # exact, or masked (replies)
-    return [line for line in chassis.dump_dp_flows().splitlines()
-            if any(n in line for n in needles)]
-
-
-def run_load(sb: Sandbox, lab: N.NetnsLab, label: str, vip: str, sources: str,
-             args) -> dict:
-    out = lab.dir / f"load-{label}.json"
-    out.unlink(missing_ok=True)
-    gw = sb.chassis["gw1"]
-    gw.appctl("dpif-netdev/pmd-stats-clear")
-    cpu0, up0, th0 = vswitchd_cpu(sb), upcalls(gw), gw_threads(sb)
-    hv_up0 = sum(upcalls(c) for c in sb.hypervisor_chassis)
-    argv = [N.python3(), "-u", N.TCPAPPS, "load", "--vip", vip, "--port", "80",
-            "--path", "/who", "--clients", str(args.clients),
-            "--duration", str(args.duration), "--timeout", "5",
-            "--max-requests", str(args.max_requests), "--out", str(out)]
-    if sources:
-        argv += ["--sources", sources]
-    lab.start("client", f"load-{label}", argv)
-    name = lab.process_name("client", f"load-{label}")
-    wait_until(lambda: not sb.is_running(name), args.duration + 30, 0.1,
-               f"load run {label} to finish")
-    cpu1, up1, th1 = vswitchd_cpu(sb), upcalls(gw), gw_threads(sb)
-    result_hv_upcalls = sum(upcalls(c) for c in sb.hypervisor_chassis) - hv_up0
-    result = json.loads(out.read_text())
-    result["vswitchd_cpu_s"] = {k: round(cpu1[k] - cpu0.get(k, 0.0), 3) for k in cpu1}
-    result["upcalls_gw1"] = up1 - up0
-    result["gw1_threads_s"] = {k: round(v - th0.get(k, 0.0), 3) for k, v in th1.items()}
-    result["upcalls_hv"] = result_hv_upcalls
-    result["pmd_gw1"] = pmd_stats(gw)
-    flows = vip_dp_flows(gw, vip)
-    result["vip_dp_flows_gw1"] = len(flows)
-    result["vip_dp_flow_samples"] = flows[:3]
-    result["reply_dp_flows_gw1"] = len(vip_dp_flows(gw, vip, "src"))
-    result["conntrack_gw1"] = len(conntrack_lines(gw, f"dst={vip},"))
-    result["conntrack_backends"] = sum(
-        len(conntrack_lines(c, f"dst={vip},")) for c in sb.hypervisor_chassis)
-    return result
 
 
 def class_balance(bucket_ids: dict[str, int], vip: str, sources: str,
@@ -161,11 +67,6 @@ def class_balance(bucket_ids: dict[str, int], vip: str, sources: str,
             pkt = FlowTuple(4, src, vip, 6, sport, 80)   # only the low bits count
             counts[predict_bucket(ids, BUCKET_WEIGHT, fields, pkt)] += 1
     return round(max(counts.values()) / statistics.mean(counts.values()), 3)
-
-
-def per_1000(seconds: float | None, ok: int) -> float | None:
-    """CPU milliseconds per 1,000 connections."""
-    return None if seconds is None or not ok else round(seconds * 1e6 / ok, 1)
 
 
 def balance(counts: dict[str, int], backends: int) -> float | None:
@@ -272,8 +173,10 @@ def main() -> int:
         for label, (_name, vip, _hash) in configs.items():
             results[label] = {}
             for phase in PHASES:
-                results[label][phase] = run_load(sb, lab, f"{label}-{phase}".replace(
-                    " ", "_").replace(",", "_").replace(":", ""), vip, sources[label], args)
+                results[label][phase] = run_load(
+                    sb, lab, f"{label}-{phase}".replace(" ", "_").replace(",", "_").replace(
+                        ":", ""), vip, sources[label], clients=args.clients,
+                    duration=args.duration, max_requests=args.max_requests)
                 print(f"  {label} {phase}: {results[label][phase]['rps']} req/s",
                       file=sys.stderr)
     finally:

@@ -384,6 +384,21 @@ class NetnsLab:
                     "--stop-file", str(stop_file)])
         return EchoRun(self, label, out, stop_file, duration)
 
+    def sniff(self, label: str, low: int, high: int, duration: float = 300.0) -> SniffRun:
+        """Start tcpapps.py sniff in the client namespace: counts of the TCP packets
+        arriving for client ports low..high by source address and port (SniffRun)."""
+        out = self.dir / f"{label}.json"
+        stop_file = self.dir / f"{label}.stop"
+        for p in (out, stop_file):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        self.start("client", label,
+                   [python3(), "-u", TCPAPPS, "sniff", "--iface", "eth0",
+                    "--ports", f"{low}-{high}", "--duration", str(duration),
+                    "--out", str(out), "--stop-file", str(stop_file)],
+                   ready_line="sniffing")
+        return SniffRun(self, label, out, stop_file)
+
 
 class EchoRun:
     """A running echo client: status() while it runs, finish() to stop and get results."""
@@ -422,6 +437,33 @@ class EchoRun:
             raise SandboxError(f"echo client {self.label} left no final report in {self.out}"
                                f"; log: {self.lab.log_path('client', self.label)}")
         return {c["sport"]: c for c in doc["conns"]}
+
+
+class SniffRun:
+    """A running sniffer: counts() while it runs, finish() to stop it."""
+
+    def __init__(self, lab: NetnsLab, label: str, out: Path, stop_file: Path):
+        self.lab, self.label, self.out, self.stop_file = lab, label, out, stop_file
+
+    def counts(self) -> dict[tuple[str, int, int], int]:
+        """{(source address, source port, client port): packets} so far."""
+        try:
+            doc = json.loads(self.out.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        result = {}
+        for key, n in doc["counts"].items():
+            src, _, dport = key.partition(">")
+            addr, _, sport = src.rpartition(":")
+            result[(addr, int(sport), int(dport))] = n
+        return result
+
+    def finish(self, timeout: float = 10.0) -> dict[tuple[str, int, int], int]:
+        self.stop_file.touch()
+        name = self.lab.process_name("client", self.label)
+        wait_until(lambda: not self.lab.sb.is_running(name), timeout, 0.05,
+                   f"sniffer {self.label} to exit")
+        return self.counts()
 
 
 def _new_run_id() -> str:

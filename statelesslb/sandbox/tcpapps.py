@@ -5,6 +5,8 @@
         --out /tmp/x.json --stop-file /tmp/x.stop --duration 60
     python3 tcpapps.py load --vip 172.16.0.100 --port 80 --path /who --clients 8 \\
         --duration 10 --out /tmp/load.json
+    python3 tcpapps.py sniff --iface eth0 --ports 41000-41099 --out /tmp/s.json \\
+        --stop-file /tmp/s.stop --duration 60
 
 The echo server answers every line with "<name> <line>", so the client knows which
 backend holds its connection. The echo client keeps one connection per source port and
@@ -12,7 +14,9 @@ sends a line every --interval seconds, checks each echo and counts errors; a con
 stops at its first error (a reset, an EOF, a timeout or a reply from another backend).
 It rewrites --out (atomically) every half second and once more when it ends (at
 --duration or when --stop-file appears). `load` runs --clients threads making one HTTP
-request per new TCP connection for --duration seconds.
+request per new TCP connection for --duration seconds. `sniff` counts the TCP packets
+arriving on --iface for local ports in --ports by (source address, source port, local
+port): which address a reply really came from, whatever the client's TCP stack made of it.
 
 Nothing here imports statelesslb: the file is run by path with any python3.
 """
@@ -27,6 +31,7 @@ import json
 import os
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -235,6 +240,48 @@ def load(vip: str, port: int, path: str, clients: int, duration: float, timeout:
     })
 
 
+# --- sniffer -------------------------------------------------------------------------
+
+ETH_P_IP = 0x0800
+PACKET_OUTGOING = 4
+
+
+def sniff(iface: str, low: int, high: int, duration: float, out: str,
+          stop_file: str | None) -> None:
+    """Count incoming IPv4 TCP packets to local ports low..high by "src:sport>dport",
+    rewriting --out every half second (and once more, with "done", at the end)."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
+    sock.bind((iface, 0))
+    sock.settimeout(0.2)
+    counts: dict[str, int] = {}
+    deadline = time.monotonic() + duration
+    next_write = 0.0
+    print(f"sniffing on {iface} for ports {low}-{high}", flush=True)
+    while time.monotonic() < deadline:
+        if time.monotonic() >= next_write:
+            _write_json(out, {"done": False, "counts": counts})
+            next_write = time.monotonic() + 0.5
+            if stop_file and os.path.exists(stop_file):
+                break
+        try:
+            frame, addr = sock.recvfrom(2048)
+        except TimeoutError:
+            continue
+        # (A socket bound to ETH_P_IP gets no copies of outgoing packets; skip any.)
+        if addr[2] == PACKET_OUTGOING or len(frame) < 14 + 20 + 4:
+            continue
+        ip = frame[14:]
+        ihl = (ip[0] & 0x0F) * 4
+        if ip[0] >> 4 != 4 or ip[9] != 6 or len(ip) < ihl + 4:
+            continue
+        sport, dport = struct.unpack("!HH", ip[ihl:ihl + 4])
+        if low <= dport <= high:
+            key = f"{socket.inet_ntoa(ip[12:16])}:{sport}>{dport}"
+            counts[key] = counts.get(key, 0) + 1
+    sock.close()
+    _write_json(out, {"done": True, "counts": counts})
+
+
 # --- command line ----------------------------------------------------------------------
 
 
@@ -266,12 +313,21 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", required=True)
     g.add_argument("--sources", default="",
                    help="an IPv4 range (CIDR) whose addresses the connections come from")
+    f = sub.add_parser("sniff")
+    f.add_argument("--iface", default="eth0")
+    f.add_argument("--ports", required=True, help="local ports LOW-HIGH")
+    f.add_argument("--duration", type=float, default=60.0)
+    f.add_argument("--out", required=True)
+    f.add_argument("--stop-file")
     a = p.parse_args(argv)
     if a.cmd == "echo-server":
         echo_server(a.bind, a.port, a.name)
     elif a.cmd == "echo-client":
         echo_client(a.vip, a.port, a.src, [int(x) for x in a.sports.split(",")], a.interval,
                     a.duration, a.timeout, a.out, a.stop_file)
+    elif a.cmd == "sniff":
+        low, _, high = a.ports.partition("-")
+        sniff(a.iface, int(low), int(high or low), a.duration, a.out, a.stop_file)
     else:
         sources = ([str(ip) for ip in ipaddress.ip_network(a.sources)] if a.sources else [])
         load(a.vip, a.port, a.path, a.clients, a.duration, a.timeout, a.max_requests, a.out,

@@ -215,6 +215,54 @@ def test_removing_another_backend_keeps_the_others_flows(sandbox, real):
         # is racy today (docs/real-tcp.md, "removal under second chance").
 
 
+def test_a_backend_serving_two_stateless_vips(sandbox, real):
+    """Two stateless LBs, different VIPs, the same backends (address:port): connections to
+    both work, every reply reaches the client from the VIP it used (sniffed on the client's
+    interface), and the other LB losing a backend, then being deleted, breaks none of the
+    first one's connections (their shared reply flow stays while one LB uses it)."""
+    topo, lab = real
+    backends = [f"{IPS[v]}:{ECHO}" for v in VMS]
+    vips = {"a": "172.16.0.108", "b": "172.16.0.109"}
+    sports = {"a": range(46401, 46411), "b": range(46501, 46511)}
+    for w, vip in vips.items():
+        _lb(sandbox, topo, f"two-{w}", f"{vip}:7", backends, persistence="second-chance")
+    gid_b = GROUP_BASE + lb_ids(sandbox, "two-b")[0]["172.16.0.109:7"]
+    sniff = lab.sniff("two-sniff", 46401, 46510)
+    runs = {w: lab.echo_client(f"two-{w}", vips[w], 7, sports[w], duration=60,
+                               timeout=ECHO_TIMEOUT) for w in vips}
+    first = {w: run.wait_established() for w, run in runs.items()}
+    for w, conns in first.items():
+        assert all(c["ok"] >= 3 and c["error"] is None for c in conns.values()), (w, conns)
+    # b loses the backend most of a's connections use, then goes.
+    used = [c["backend"] for c in first["a"].values()]
+    gone = max(VMS, key=used.count)
+    set_backends(sandbox, topo, "two-b", "172.16.0.109:7",
+                 [b for b in backends if not b.startswith(f"{IPS[gone]}:")])
+    time.sleep(ECHO_TIMEOUT + 1)
+    mid = runs["a"].conns()
+    sandbox.nbctl("lb-del", "two-b")
+    wait_until(lambda: gid_b not in our_groups(sandbox.chassis["gw1"]), 15, 0.05,
+               "two-b's group gone from gw1")
+    sandbox.wait_flows_installed()
+    time.sleep(ECHO_TIMEOUT + 1)
+    final = runs["a"].finish()
+    runs["b"].finish()
+    counts = sniff.finish()
+    _report("two VIPs, one backend set", {
+        "a": {s: {"on": c["backend"], "ok": c["ok"], "error": c["error"]}
+              for s, c in final.items()},
+        "sources": {f"{k[0]}:{k[1]}>{k[2]}": n for k, n in sorted(counts.items())}})
+    assert used.count(gone) > 0
+    for s, c in final.items():
+        assert c["error"] is None, (s, c)
+        assert c["ok"] - mid[s]["ok"] >= 15, (s, c, mid[s])
+    for w in vips:
+        for s in sports[w]:
+            got = {(src, sport): n for (src, sport, dport), n in counts.items() if dport == s}
+            assert got.get((vips[w], 7), 0) >= 3, (w, s, got)
+            assert set(got) == {(vips[w], 7)}, (w, s, got)
+
+
 # --- 3. gateway failover: stateless vs OVN's native LB ----------------------------------
 
 
