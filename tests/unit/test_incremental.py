@@ -115,7 +115,9 @@ class World:
                     for u, lb in topo.load_balancers.items()
                     if c % 2 and EXT_PREVIOUS in lb.external_ids}
             if c == 2:
-                self.installed.pop(chassis, None)
+                # A new mapping, as the agent's SbReader hands one on every change (the
+                # writer compares the mapping it saw last by identity first).
+                self.installed = {k: v for k, v in self.installed.items() if k != chassis}
             else:
                 self.installed = {**self.installed, chassis: dump_installed(held)}
         elif op == "bind":       # an SB change only: a VM moves to another chassis
