@@ -393,7 +393,11 @@ def test_client_port_reuse_across_a_stateless_and_a_native_vip(sandbox, real):
     _report("shared backend, same client port (stateless, native, stateless, native)",
             outcomes)
     _report("client port still busy in the client's kernel (curl exit 45, retried)", busy)
-    assert all(not o.startswith("curl exit") for row in outcomes.values() for o in row), (
+    # curl exit 45 left after the retries: the client's kernel still holds the port in
+    # TIME_WAIT (the client closed first; 60 s): no packet was sent, the port is not used.
+    tried = {p: row for p, row in outcomes.items() if "curl exit 45" not in row}
+    assert len(tried) >= 25, outcomes
+    assert all(not o.startswith("curl exit") for row in tried.values() for o in row), (
         outcomes)
     # Not vacuous: some ports had the native LB pick the stateless connection's backend,
     # and the record was checked on one where the two replies had one tuple.
@@ -404,7 +408,8 @@ def _curl_from_port(lab: N.NetnsLab, url: str, sport: int, busy: dict[int, str]
                     ) -> tuple[int, str]:
     """curl from client port `sport`. Exit 45 is the client's own bind() failing: the
     previous connection from that port has not finished closing in the client's kernel
-    yet (no packet was sent); wait for it, boundedly, and note the socket's state."""
+    yet, or the client closed first and holds it in TIME_WAIT (no packet was sent);
+    wait, boundedly, and note the socket's state."""
     for _ in range(20):
         rc, body = lab.curl(url, local_port=sport, timeout=2)
         if rc != 45:
