@@ -101,8 +101,9 @@ STATELESSLB_OPTS = [
         "backend_priority",
         default=1000,
         min=101,
-        max=65535,
-        help="Priority of the DNAT / un-DNAT flows on the backend's chassis.",
+        max=65534,
+        help="Priority of the DNAT / un-DNAT flows on the backend's chassis (the SYN flows "
+        "of the ownership record use this priority + 1).",
     ),
     cfg.IntOpt(
         "sentinel_table",
@@ -116,8 +117,9 @@ STATELESSLB_OPTS = [
         "private_table_base",
         default=200,
         min=100,
-        max=250,
-        help="First of 4 OpenFlow tables of our own (persistence layers). OVN 23.03 uses "
+        max=249,
+        help="First of 6 OpenFlow tables of our own (persistence layers, the backend's "
+        "ownership record). OVN 23.03 uses "
         "tables up to about 80 and later releases about 100; the agent refuses to start "
         "if they clash with the derived OVN layout.",
     ),
@@ -128,6 +130,16 @@ STATELESSLB_OPTS = [
         max=65535,
         help="Conntrack zone of the gateway-affinity layer. ovn-controller hands out zones "
         "from 1 upward, one per local port and router: pick one it will not reach.",
+    ),
+    cfg.IntOpt(
+        "backend_zone",
+        default=64001,
+        min=1,
+        max=65535,
+        help="Conntrack zone of the ownership record on a backend's chassis: which path "
+        "(a stateless VIP, or anything else such as OVN's native LB) opened the connection "
+        "a backend's reply belongs to, so that only stateless connections are un-DNATed. "
+        "Must differ from gateway_zone; like it, a zone ovn-controller will not reach.",
     ),
     cfg.BoolOpt(
         "nb_writer",

@@ -105,6 +105,7 @@ class Agent:
             sentinel_table=slb.sentinel_table,
             private_table_base=slb.private_table_base,
             gateway_zone=slb.gateway_zone,
+            backend_zone=slb.backend_zone,
         )
         # One validation memo for the NB writer and the planner: validated once per change.
         self.validation = ValidationMemo()

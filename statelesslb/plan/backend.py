@@ -1,5 +1,6 @@
 """The backend chassis' part of an LB's plan - DNAT of VIP-port to the local backend and
-commit, un-DNAT of its replies, and the second chance for connections that moved.
+commit, un-DNAT of its replies (only those of connections a stateless VIP opened: the
+ownership record), and the second chance for connections that moved.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from statelesslb.ofstrings import (
 )
 from statelesslb.plan.candidate import Candidate, StoredIds
 from statelesslb.plan.lookups import l4_match, usable_binding, usable_datapath_key
-from statelesslb.plan.specs import MAX_TABLE, ROLE_BACKEND, FlowSpec, GroupSpec, PlanConfig
+from statelesslb.plan.specs import (
+    MAX_TABLE,
+    OTHER_PATH_MARK,
+    ROLE_BACKEND,
+    FlowSpec,
+    GroupSpec,
+    PlanConfig,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,19 +176,14 @@ def _backend_flows(
     port_key, dp_key = hex_int(b.port_key), hex_int(b.switch_dp)
     zone = "zone=NXM_NX_REG13[0..15]"   # the port's own conntrack zone
     vip_part = f"{ip_prefix}_dst={ip_text(vip.ip)},tp_dst={dec_int(vip.port, 0xFFFF)}"
-    out_next = dec_int(tables.ls_out_next, MAX_TABLE)
-    dnat = (f"ct(commit,table={out_next},{zone},"
+    forward = dec_int(config.backend_forward_table, MAX_TABLE)
+    # Every stateless DNAT goes on to the ownership record (backend forward table).
+    dnat = (f"ct(commit,table={forward},{zone},"
             f"nat(dst={endpoint_text(b.ip, b.port)}))")
     rp_mac = mac_text(b.router_port_mac)
     here = f"{l4},reg15={port_key},metadata={dp_key}"
-    reply = FlowSpec(
-        tables.ls_in_intercept, config.backend_priority,
-        f"{l4},reg14={port_key},metadata={dp_key},"
-        f"{ip_prefix}_src={ip_text(b.ip)},tp_src={dec_int(b.port, 0xFFFF)}",
-        f"ct(table={dec_int(tables.ls_in_next, MAX_TABLE)},{zone},nat)",
-        config.cookie_prefix,
-    )
-    out.add_flow(reply, vip.key)
+    for flow in _ownership_flows(valid.protocol, l4, ip_prefix, b, tables, config):
+        out.add_flow(flow, vip.key)
     if not second_chance:
         out.add_flow(FlowSpec(tables.ls_out_intercept, config.backend_priority,
                               f"{here},{vip_part}", dnat, config.cookie_prefix), vip.key)
@@ -190,15 +193,16 @@ def _backend_flows(
         # Look the packet up (un-committed); an existing entry also applies its DNAT.
         FlowSpec(tables.ls_out_intercept, config.backend_priority, f"{here},{vip_part}",
                  f"ct(table={dec_int(decide, MAX_TABLE)},{zone},nat)", config.cookie_prefix),
-        # Known connection (already DNATed by the lookup): on to the next stage.
+        # Known connection (already DNATed by the lookup): on to the next stage, through
+        # the ownership record.
         FlowSpec(decide, 300, f"ct_state=-new-inv+trk,{here}",
-                 f"set_field:{rp_mac}->eth_src,resubmit(,{out_next})", config.cookie_prefix),
+                 f"set_field:{rp_mac}->eth_src,resubmit(,{forward})", config.cookie_prefix),
         # An entry without a reply yet is still ct.new, but the lookup found it and
         # DNATed the packet: the destination says so.
         FlowSpec(decide, 250,
                  f"ct_state=+trk,{here},{ip_prefix}_dst={ip_text(b.ip)},"
                  f"tp_dst={dec_int(b.port, 0xFFFF)}",
-                 f"set_field:{rp_mac}->eth_src,resubmit(,{out_next})", config.cookie_prefix),
+                 f"set_field:{rp_mac}->eth_src,resubmit(,{forward})", config.cookie_prefix),
         # A SYN opens a connection here.
         FlowSpec(decide, 200, f"ct_state=+new+trk,tcp_flags=+syn-ack,{here},{vip_part}",
                  dnat, config.cookie_prefix),
@@ -223,3 +227,81 @@ def _backend_flows(
             config.cookie_prefix))
     for flow in flows:
         out.add_flow(flow, vip.key)
+
+
+def _ownership_flows(
+    protocol: str, l4: str, ip_prefix: str, b: _LocalBackend, tables: TableLayout,
+    config: PlanConfig,
+) -> list[FlowSpec]:
+    """The backend's replies are un-DNATed only if a stateless VIP opened their connection.
+
+    The port's zone (reg13) cannot tell: a stateless connection's closed entry there
+    (TIME_WAIT) has exactly the reply tuple of a later connection from the same client
+    ip:port that reached the backend another way (OVN's native LB, or the backend's own
+    address), and un-DNATing that reply breaks it (docs/real-tcp.md, "shared backends").
+    So every connection to backend ip:port, whatever its path, is also tracked in
+    `backend_zone`, a zone of our own, by its tuple as the backend sees it (client ->
+    backend ip:port); the last SYN (for UDP, the last packet) writes which path it took
+    into OTHER_PATH_MARK. A SYN on a closed entry re-creates it, so the mark follows the
+    4-tuple's current owner. A reply looks itself up there first: marked, it goes on
+    untouched; unmarked or unknown (a connection older than these flows), it is
+    un-DNATed as before. The mark decides whatever the TCP state says: a SYN can reach
+    the backend before conntrack has seen the previous connection on the tuple close
+    (checked on OVS 3.5), and its SYN-ACK is then `+inv` there, without `+rpl`, but
+    still carries the entry's mark.
+
+    Other paths are caught in the first egress table with `ct_state=-trk` (a packet
+    that crossed a tunnel or a router hop arrives untracked) and sent back to the same
+    table after the lookup, tracked, so that OVN's own flows there take it: nothing of
+    OVN's pipeline is skipped. A packet that arrives tracked (a client on the same
+    chassis behind a switch with stateful ACLs) is not recorded and keeps the old
+    behaviour.
+    """
+    own = f"zone={dec_int(config.backend_zone, 0xFFFF)}"
+    mark = hex_int(OTHER_PATH_MARK)
+    port_key, dp_key = hex_int(b.port_key), hex_int(b.switch_dp)
+    to_backend = (f"{l4},reg15={port_key},metadata={dp_key},"
+                  f"{ip_prefix}_dst={ip_text(b.ip)},tp_dst={dec_int(b.port, 0xFFFF)}")
+    from_backend = (f"{l4},reg14={port_key},metadata={dp_key},"
+                    f"{ip_prefix}_src={ip_text(b.ip)},tp_src={dec_int(b.port, 0xFFFF)}")
+    first_egress = dec_int(tables.ls_out_intercept, MAX_TABLE)
+    out_next = dec_int(tables.ls_out_next, MAX_TABLE)
+    in_next = dec_int(tables.ls_in_next, MAX_TABLE)
+    forward, reply = config.backend_forward_table, config.backend_reply_table
+    prio, cookie = config.backend_priority, config.cookie_prefix
+    stateless_commit = f"ct(commit,{own},exec(set_field:0/{mark}->ct_mark))"
+    other_commit = (f"ct(commit,table={first_egress},{own},"
+                    f"exec(set_field:{mark}/{mark}->ct_mark))")
+    flows = [
+        # Replies: look up the record; the other path's connections go on untouched,
+        # everything else is un-DNATed in the port's zone.
+        FlowSpec(tables.ls_in_intercept, prio, from_backend,
+                 f"ct(table={dec_int(reply, MAX_TABLE)},{own})", cookie),
+        FlowSpec(reply, 200, f"ct_state=+trk,ct_mark={mark}/{mark},{from_backend}",
+                 f"resubmit(,{in_next})", cookie),
+        FlowSpec(reply, 100, from_backend,
+                 f"ct(table={in_next},zone=NXM_NX_REG13[0..15],nat)", cookie),
+    ]
+    if protocol == "tcp":
+        syn = "tcp_flags=+syn-ack"
+        flows += [
+            # Stateless, after the DNAT: a SYN claims the 4-tuple, the rest keeps the
+            # record's TCP state in step.
+            FlowSpec(forward, 200, f"{to_backend},{syn}",
+                     f"{stateless_commit},resubmit(,{out_next})", cookie),
+            FlowSpec(forward, 100, to_backend, f"ct({own}),resubmit(,{out_next})", cookie),
+            # Any other path, untracked: the same, then back to the first egress table.
+            FlowSpec(tables.ls_out_intercept, prio + 1, f"ct_state=-trk,{to_backend},{syn}",
+                     other_commit, cookie),
+            FlowSpec(tables.ls_out_intercept, prio, f"ct_state=-trk,{to_backend}",
+                     f"ct(table={first_egress},{own})", cookie),
+        ]
+    else:
+        # No SYN to go by: every packet claims the tuple for its path.
+        flows += [
+            FlowSpec(forward, 100, to_backend,
+                     f"{stateless_commit},resubmit(,{out_next})", cookie),
+            FlowSpec(tables.ls_out_intercept, prio, f"ct_state=-trk,{to_backend}",
+                     other_commit, cookie),
+        ]
+    return flows

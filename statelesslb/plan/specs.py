@@ -28,6 +28,14 @@ OFPG_MAX = 0xFFFFFF00
 MAX_TABLE = 254
 # 500 buckets of ~100 bytes stay well under OpenFlow's 64 KiB per message.
 DEFAULT_MAX_BUCKETS_PER_MSG = 500
+# Tables of our own from private_table_base on (decide, sticky, commit, redirect,
+# backend forward, backend reply).
+PRIVATE_TABLES = 6
+# In backend_zone (ours alone: OVN never commits there, so every ct_mark bit is ours),
+# this bit says that the connection's last SYN reached the backend by some other path
+# than a stateless VIP (OVN's native LB, or the backend's own address): its replies
+# are not un-DNATed. 0 (or no entry at all) leaves them to the stateless un-DNAT.
+OTHER_PATH_MARK = 0x1
 # ovn-controller's own group ids: 1..65535 in 23.03, a compact pool from 1 later.
 MIN_GROUP_ID_BASE = 0x10000
 
@@ -55,6 +63,9 @@ class PlanConfig:
     private_table_base: int = 200
     # Conntrack zone of the gateway-affinity layer: a zone no OVN port or datapath uses.
     gateway_zone: int = 64000
+    # Conntrack zone of the backend side's ownership record (which path, stateless or
+    # not, opened the connection a backend's reply belongs to): also a zone of our own.
+    backend_zone: int = 64001
 
     @property
     def backend_decide_table(self) -> int:
@@ -73,8 +84,16 @@ class PlanConfig:
         return self.private_table_base + 3
 
     @property
+    def backend_forward_table(self) -> int:
+        return self.private_table_base + 4
+
+    @property
+    def backend_reply_table(self) -> int:
+        return self.private_table_base + 5
+
+    @property
     def private_tables(self) -> tuple[int, ...]:
-        return tuple(range(self.private_table_base, self.private_table_base + 4))
+        return tuple(range(self.private_table_base, self.private_table_base + PRIVATE_TABLES))
 
     @property
     def previous_group_base(self) -> int:
@@ -91,10 +110,15 @@ class PlanConfig:
                      OFPG_MAX - 2 * (MAX_VIP_ID + 1))
         check_range("cookie_prefix", self.cookie_prefix, 1, 0xFFFF)
         check_range("gateway_priority", self.gateway_priority, 0, 0xFFFF)
-        check_range("backend_priority", self.backend_priority, 0, 0xFFFF)
+        # backend_priority + 1 holds the SYN flows of the ownership record.
+        check_range("backend_priority", self.backend_priority, 0, 0xFFFE)
         check_range("sentinel_table", self.sentinel_table, 0, MAX_TABLE)
-        check_range("private_table_base", self.private_table_base, 1, MAX_TABLE - 4)
+        check_range("private_table_base", self.private_table_base, 1,
+                    MAX_TABLE - PRIVATE_TABLES + 1)
         check_range("gateway_zone", self.gateway_zone, 1, 0xFFFF)
+        check_range("backend_zone", self.backend_zone, 1, 0xFFFF)
+        if self.backend_zone == self.gateway_zone:
+            raise ValueError("backend_zone and gateway_zone must be different zones")
         if self.sentinel_table in self.private_tables:
             raise ValueError("sentinel_table must not be one of the private tables")
 

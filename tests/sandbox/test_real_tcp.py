@@ -407,29 +407,93 @@ def test_health_checks_take_a_dead_backend_out_and_bring_it_back(sandbox: Sandbo
 # --- a backend shared by a stateless VIP and a native VIP -------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug (docs/real-tcp.md, 'shared backends'): the backend chassis un-DNATs every "
-    "reply from backend ip:port with ct(zone=reg13,nat), so a TIME_WAIT entry of a "
-    "stateless connection rewrites the SYN-ACK of a later native connection from the "
-    "same client port to the same backend into a reply from the stateless VIP"))
 def test_client_port_reuse_across_a_stateless_and_a_native_vip(sandbox, real):
+    """A backend shared by a stateless VIP and OVN's native LB, and the client reusing its
+    source port: the backend's reply belongs to whichever path sent the port's last SYN.
+    Without the ownership record in backend_zone, the stateless connection's TIME_WAIT
+    entry un-DNATed the native SYN-ACK into a reply from the stateless VIP and the native
+    connection timed out (docs/real-tcp.md, "shared backends"). Each port goes stateless,
+    native, stateless, native: both orders, and each path re-claiming the tuple."""
     topo, lab = real
     backends = [f"{IPS[v]}:8080" for v in VMS]
     _lb(sandbox, topo, "share-stateless", "172.16.0.107:80", backends, persistence="hash")
     _lb(sandbox, topo, "share-native", "172.16.0.112:80", backends, persistence=None)
-    outcomes = {}
-    # Client ports of its own: its TIME_WAIT entries must not meet later tests' connections.
-    for sport in range(47600, 47630):
-        rc1, first = lab.curl("http://172.16.0.107/who", local_port=sport, timeout=2)
-        assert rc1 == 0, (sport, rc1)
-        rc2, second = lab.curl("http://172.16.0.112/who", local_port=sport, timeout=2)
-        outcomes[sport] = (first.strip(), second.strip() if rc2 == 0 else f"curl exit {rc2}")
-    _report("shared backend, same client port", outcomes)
-    # Not vacuous: some ports had the native LB pick the stateless connection's backend
-    # (or failed, which is the bug).
-    assert any(a == b or b.startswith("curl exit") for a, b in outcomes.values()), outcomes
-    assert all(not second.startswith("curl exit") for _, second in outcomes.values()), (
+    urls = ("http://172.16.0.107/who", "http://172.16.0.112/who") * 2
+    outcomes: dict[int, list[str]] = {}
+    collided: list[int] = []
+    checked: int | None = None
+    busy: dict[int, str] = {}
+    # Client ports of its own (its TIME_WAIT entries must not meet later tests'
+    # connections), 10 apart: a SYN that re-opens a closed entry under NAT gets the next
+    # free client port (conntrack remaps it), which must not be the next port tried.
+    for sport in range(47600, 47900, 10):
+        outcomes[sport] = []
+        for n, url in enumerate(urls):
+            rc, body = _curl_from_port(lab, url, sport, busy)
+            outcomes[sport].append(body.strip() if rc == 0 else f"curl exit {rc}")
+            if n == 1:
+                first, second = outcomes[sport]
+                if first == second or second.startswith("curl exit"):
+                    collided.append(sport)
+                if checked is None and first == second and _check_record(
+                        sandbox, topo, sport, first):
+                    checked = sport
+    _report("shared backend, same client port (stateless, native, stateless, native)",
+            outcomes)
+    _report("client port still busy in the client's kernel (curl exit 45, retried)", busy)
+    # curl exit 45 left after the retries: the client's kernel still holds the port in
+    # TIME_WAIT (the client closed first; 60 s): no packet was sent, the port is not used.
+    tried = {p: row for p, row in outcomes.items() if "curl exit 45" not in row}
+    assert len(tried) >= 25, outcomes
+    assert all(not o.startswith("curl exit") for row in tried.values() for o in row), (
         outcomes)
+    # Not vacuous: some ports had the native LB pick the stateless connection's backend,
+    # and the record was checked on one where the two replies had one tuple.
+    assert collided and checked is not None, outcomes
+
+
+def _curl_from_port(lab: N.NetnsLab, url: str, sport: int, busy: dict[int, str]
+                    ) -> tuple[int, str]:
+    """curl from client port `sport`. Exit 45 is the client's own bind() failing: the
+    previous connection from that port has not finished closing in the client's kernel
+    yet, or the client closed first and holds it in TIME_WAIT (no packet was sent);
+    wait, boundedly, and note the socket's state."""
+    for _ in range(20):
+        rc, body = lab.curl(url, local_port=sport, timeout=2)
+        if rc != 45:
+            return rc, body
+        busy.setdefault(sport, lab.run("client", ["ss", "-tanH", f"sport = :{sport}"],
+                                       check=False).stdout.strip())
+        time.sleep(0.1)
+    return rc, body
+
+
+_REPLY_DPORT_RE = re.compile(r"reply=\(src=([0-9.]+),dst=[0-9.]+,sport=8080,dport=(\d+)\)")
+
+
+def _check_record(sandbox: Sandbox, topo: Topology, sport: int, vm: str) -> bool:
+    """After a stateless then a native connection from `sport` that both reached `vm`:
+    if the two replies had one tuple at the backend (conntrack may have remapped the
+    client port of either: it does when a SYN re-opens a closed entry under NAT), check
+    that the record in backend_zone gives that tuple to the native path, which is what
+    kept the native reply from being un-DNATed by the stateless entry. False if there was
+    no collision to check."""
+    def reply_ports(chassis: str, vip: str) -> set[int]:
+        return {int(m.group(2)) for e in conntrack_lines(sandbox.chassis[chassis],
+                                                         f"sport={sport},")
+                if f"dst={vip}," in e and (m := _REPLY_DPORT_RE.search(e))
+                and m.group(1) == IPS[vm]}
+    backend = topo.vm_by_ip(IPS[vm]).chassis
+    stateless = reply_ports(backend, "172.16.0.107")
+    native = reply_ports("gw1", "172.16.0.112") | reply_ports("gw2", "172.16.0.112")
+    assert len(stateless) == 1 and len(native) == 1, (stateless, native)
+    if stateless != native:
+        return False
+    [port] = native
+    record = [e for e in conntrack_lines(sandbox.chassis[backend], "zone=64001,")
+              if f"orig=(src={topo.client_ip},dst={IPS[vm]},sport={port},dport=8080)" in e]
+    assert len(record) == 1 and "mark=1," in record[0], record
+    return True
 
 
 # --- cleanup --------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from .factories import TABLES, Topo, basic_topo
 # the separating spaces (a newline would start a second command).
 STRICT_LINE = re.compile(r"^[a-z_ ]+ [A-Za-z0-9_=,.:()\[\]/>+\-]*\Z")
 GROUP_BASE = PlanConfig().group_id_base
+# Per TCP backend without second chance: DNAT, reply, and 6 flows of the ownership record.
+BACKEND_FLOWS = 8
 DEFAULT_FIELDS_V4_TCP = "fields(ip_src=0.0.0.255,ip_dst,nw_proto,tcp_src=31,tcp_dst)"
 
 
@@ -101,12 +103,28 @@ def test_backend_chassis_gets_dnat_and_reply_flows(topo):
     result = planned(topo, "hv1")
     assert result.groups == {}
     lines = sorted(f.add_line() for f in lb_flows(result))
+    to_vm1 = "tcp,reg15=0x2,metadata=0x1,nw_dst=10.0.0.11,tp_dst=8080"
+    from_vm1 = "tcp,reg14=0x2,metadata=0x1,nw_src=10.0.0.11,tp_src=8080"
     assert [re.sub(r"cookie=0x[0-9a-f]+", "cookie=C", line) for line in lines] == [
+        # The ownership record (backend_zone 64001, tables 204 and 205).
+        f"flow add table=204,priority=100,cookie=C,{to_vm1},"
+        "actions=ct(zone=64001),resubmit(,43)",
+        f"flow add table=204,priority=200,cookie=C,{to_vm1},tcp_flags=+syn-ack,"
+        "actions=ct(commit,zone=64001,exec(set_field:0/0x1->ct_mark)),resubmit(,43)",
+        f"flow add table=205,priority=100,cookie=C,{from_vm1},"
+        "actions=ct(table=10,zone=NXM_NX_REG13[0..15],nat)",
+        f"flow add table=205,priority=200,cookie=C,ct_state=+trk,ct_mark=0x1/0x1,"
+        f"{from_vm1},actions=resubmit(,10)",
+        f"flow add table=42,priority=1000,cookie=C,ct_state=-trk,{to_vm1},"
+        "actions=ct(table=42,zone=64001)",
+        # The stateless DNAT, on to the record.
         "flow add table=42,priority=1000,cookie=C,tcp,reg15=0x2,metadata=0x1,"
         "nw_dst=172.16.0.100,tp_dst=80,"
-        "actions=ct(commit,table=43,zone=NXM_NX_REG13[0..15],nat(dst=10.0.0.11:8080))",
-        "flow add table=9,priority=1000,cookie=C,tcp,reg14=0x2,metadata=0x1,"
-        "nw_src=10.0.0.11,tp_src=8080,actions=ct(table=10,zone=NXM_NX_REG13[0..15],nat)",
+        "actions=ct(commit,table=204,zone=NXM_NX_REG13[0..15],nat(dst=10.0.0.11:8080))",
+        f"flow add table=42,priority=1001,cookie=C,ct_state=-trk,{to_vm1},tcp_flags=+syn-ack,"
+        "actions=ct(commit,table=42,zone=64001,exec(set_field:0x1/0x1->ct_mark))",
+        # Replies: the record first.
+        f"flow add table=9,priority=1000,cookie=C,{from_vm1},actions=ct(table=205,zone=64001)",
     ]
     status = result.lb_status["uuid-lb-lb0"]
     assert (status.state, status.roles, status.vip_keys) == (
@@ -117,7 +135,8 @@ def test_chassis_with_both_roles(topo):
     binding = topo.port_bindings["vm1"]
     topo.port_bindings["vm1"] = dataclasses.replace(binding, chassis="gw1")
     result = planned(topo, "gw1")
-    assert len(result.groups) == 1 and len(lb_flows(result)) == 3
+    # The gateway flow, and vm1's DNAT, reply and ownership-record flows.
+    assert len(result.groups) == 1 and len(lb_flows(result)) == 1 + BACKEND_FLOWS
     assert result.lb_status["uuid-lb-lb0"].roles == ("backend", "gateway")
 
 
@@ -143,12 +162,22 @@ def test_ipv6_udp_matches():
     topo.assign_ids()
     [gateway] = lb_flows(planned(topo, "gw1"))
     assert gateway.match == "udp6,reg14=0x1,metadata=0x3,ipv6_dst=fd00::100,tp_dst=53"
-    flows = {f.table: f for f in lb_flows(planned(topo, "hv1"))}
-    assert flows[42].match == "udp6,reg15=0x2,metadata=0x1,ipv6_dst=fd00::100,tp_dst=53"
-    assert flows[42].actions == (
-        "ct(commit,table=43,zone=NXM_NX_REG13[0..15],nat(dst=[fd00::11]:5353))")
-    assert flows[9].match == "udp6,reg14=0x2,metadata=0x1,ipv6_src=fd00::11,tp_src=5353"
-    for flow in [gateway, *flows.values()]:
+    flows = {(f.table, f.priority, f.match): f.actions for f in lb_flows(planned(topo, "hv1"))}
+    to_b = "udp6,reg15=0x2,metadata=0x1,ipv6_dst=fd00::11,tp_dst=5353"
+    from_b = "udp6,reg14=0x2,metadata=0x1,ipv6_src=fd00::11,tp_src=5353"
+    # No SYN to go by: every packet of either path claims the tuple (one flow each).
+    assert flows == {
+        (42, 1000, "udp6,reg15=0x2,metadata=0x1,ipv6_dst=fd00::100,tp_dst=53"):
+            "ct(commit,table=204,zone=NXM_NX_REG13[0..15],nat(dst=[fd00::11]:5353))",
+        (204, 100, to_b):
+            "ct(commit,zone=64001,exec(set_field:0/0x1->ct_mark)),resubmit(,43)",
+        (42, 1000, f"ct_state=-trk,{to_b}"):
+            "ct(commit,table=42,zone=64001,exec(set_field:0x1/0x1->ct_mark))",
+        (9, 1000, from_b): "ct(table=205,zone=64001)",
+        (205, 200, f"ct_state=+trk,ct_mark=0x1/0x1,{from_b}"): "resubmit(,10)",
+        (205, 100, from_b): "ct(table=10,zone=NXM_NX_REG13[0..15],nat)",
+    }
+    for flow in [gateway, *lb_flows(planned(topo, "hv1"))]:
         parsed = as_dump(flow)
         assert parsed.info["table"] == flow.table and parsed.match["udp6"] is True
 
@@ -174,7 +203,7 @@ def test_drained_backend_loses_its_bucket_but_keeps_its_dnat_flows(topo):
     topo.assign_ids()
     [group] = planned(topo, "gw1").groups.values()
     assert list(group.buckets) == [2]
-    assert len(lb_flows(planned(topo, "hv1"))) == 2
+    assert len(lb_flows(planned(topo, "hv1"))) == BACKEND_FLOWS
 
 
 def test_all_backends_drained_leaves_an_empty_group(topo):
@@ -199,7 +228,9 @@ def test_two_vips_sharing_a_backend_share_one_reply_flow():
     by_table: dict[int, list[FlowSpec]] = {}
     for flow in lb_flows(result):
         by_table.setdefault(flow.table, []).append(flow)
-    assert len(by_table[42]) == 3 and len(by_table[9]) == 1
+    # Three DNAT flows; one reply flow and one ownership record for the one backend.
+    assert len(by_table[42]) == 3 + 2 and len(by_table[9]) == 1
+    assert len(by_table[204]) == 2 and len(by_table[205]) == 2
     assert result.lb_status["uuid-lb-lb1"].state == "ok"
 
 
@@ -301,7 +332,7 @@ def test_router_side_binding_on_another_datapath_is_pending(topo, port, what):
 def test_missing_backend_binding_skips_only_that_backend(topo):
     topo.port_bindings.pop("vm1")
     result = planned(topo, "hv2")
-    assert len(lb_flows(result)) == 2          # vm2's flows are still planned
+    assert len(lb_flows(result)) == BACKEND_FLOWS    # vm2's flows are still planned
     assert result.lb_status["uuid-lb-lb0"].roles == ("backend",)
 
 
