@@ -26,10 +26,12 @@ _LOOKUPS = re.compile(r"lookups: hit:(\d+) missed:(\d+) lost:(\d+)")
 
 @contextlib.contextmanager
 def running_sandbox(gateways: int = 2, hypervisors: int = 2, vms: int = 8,
-                    agents: bool = True, **agent_kwargs) -> Iterator[tuple[Sandbox, Topology]]:
-    """A real sandbox with the LB topology (and agents), always stopped and removed."""
+                    agents: bool = True, clustered: bool = False,
+                    **agent_kwargs) -> Iterator[tuple[Sandbox, Topology]]:
+    """A real sandbox with the LB topology (and agents), always stopped and removed;
+    clustered: NB and SB as 3-member RAFT clusters."""
     run_dir = Path(tempfile.mkdtemp(prefix="slb-bench-", dir="/tmp"))
-    sb = Sandbox(run_dir, gateways=gateways, hypervisors=hypervisors)
+    sb = Sandbox(run_dir, gateways=gateways, hypervisors=hypervisors, clustered=clustered)
     try:
         sb.up()
         topo = build_lb_topology(sb, vms=vms)
@@ -39,7 +41,10 @@ def running_sandbox(gateways: int = 2, hypervisors: int = 2, vms: int = 8,
         yield sb, topo
     finally:
         sb.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if os.environ.get("STATELESSLB_KEEP_SANDBOX"):
+            print(f"kept {run_dir} (STATELESSLB_KEEP_SANDBOX)")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def cpu_seconds(pid: int) -> float:

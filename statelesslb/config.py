@@ -40,6 +40,16 @@ OVN_OPTS = [
     cfg.IntOpt(
         "ovsdb_timeout", default=60, min=1, help="Timeout in seconds for OVSDB transactions."
     ),
+    cfg.FloatOpt(
+        "ovsdb_max_backoff",
+        default=2.0,
+        min=1.0,
+        help="Longest wait in seconds between two attempts to reconnect to the NB or SB. "
+        "With a clustered database (several remotes, comma separated) the agent tries each "
+        "member in turn, refuses followers and backs off, doubling from 1 s, while no "
+        "leader is elected; python-ovs's own limit (8 s) then delays the recovery after a "
+        "leader failure by up to 8 s more than the election.",
+    ),
 ]
 
 OVS_OPTS = [

@@ -158,10 +158,12 @@ class Agent:
             "nb", "OVN_Northbound", conf.ovn.ovn_nb_connection, watchers.NB_TABLES,
             self._on_change, timeout=conf.ovn.ovsdb_timeout,
             lock_name=NB_LOCK if conf.statelesslb.nb_writer else None,
+            max_backoff=conf.ovn.ovsdb_max_backoff,
         )
         self.sb = watchers.Watcher(
             "sb", "OVN_Southbound", sb_remote, watchers.SB_TABLES,
             self._on_change, timeout=conf.ovn.ovsdb_timeout,
+            max_backoff=conf.ovn.ovsdb_max_backoff,
         )
         self.nb.start()
         self.sb.start()

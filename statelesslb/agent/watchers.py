@@ -83,6 +83,7 @@ class WatchedIdl(connection.OvsdbIdl):
         self._on_change = on_change
         self._seqno = None
         self._was_connected = False
+        self._held = False
         self.changes = Changes()
 
     def notify(self, event, row, updates=None):
@@ -116,7 +117,28 @@ class WatchedIdl(connection.OvsdbIdl):
             self.changes.everything = True
             LOG.info("%s: (re)connected to %s", self.source, self._session.get_name())
             self._on_change(self.source, True)
+        if self.lock_name:
+            held = self.holds_lock
+            if held != self._held:
+                # Logged from the IDL's thread as it happens (the failover checks read
+                # these lines); a lock granted without any row change wakes the agent too.
+                self._held = held
+                LOG.info("%s: lock %s %s at %s", self.source, self.lock_name,
+                         "held" if held else "not held", self._session.get_name())
+                self._on_change(self.source, False)
         return changed
+
+    @property
+    def holds_lock(self) -> bool:
+        """The server granted our lock on this session, and the session is one we may
+        write on: connected and monitoring (with leader_only, on the cluster leader).
+
+        python-ovs keeps `has_lock` True while disconnected, and asks for the lock on a
+        new session before it checked that the server leads (a follower grants it: locks
+        are per server); neither may count as holding it.
+        """
+        return (bool(self.has_lock) and self._session.is_connected()
+                and self.state == self.IDL_S_MONITORING)
 
     @property
     def connected(self) -> bool:
@@ -148,6 +170,7 @@ class Watcher:
         on_change: ChangeCallback,
         timeout: int = 60,
         lock_name: str | None = None,
+        max_backoff: float | None = None,
     ):
         helper = _schema_helper(schema, remote)
         known = helper.schema_json["tables"]
@@ -155,6 +178,9 @@ class Watcher:
             present = [c for c in columns if c in known[table]["columns"]]
             helper.register_columns(table, present)
         self.idl = WatchedIdl(source, remote, helper, on_change)
+        if max_backoff is not None:
+            # python-ovs: at least 1 s between attempts after the free ones (one per remote).
+            self.idl._session.reconnect.set_backoff(1000, int(max_backoff * 1000))
         if lock_name:
             self.idl.set_lock(lock_name)
         self.connection = connection.Connection(self.idl, timeout)
@@ -181,7 +207,7 @@ class Watcher:
 
     @property
     def has_lock(self) -> bool:
-        return bool(self.idl.lock_name) and self.idl.has_lock
+        return bool(self.idl.lock_name) and self.idl.holds_lock
 
 
 def _opt(value):

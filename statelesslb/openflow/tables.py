@@ -10,6 +10,7 @@ the difference is the pipeline's base.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable
 
@@ -34,29 +35,56 @@ class LayoutError(RuntimeError):
     pass
 
 
+def split_remotes(remote: str) -> list[str]:
+    """"unix:/a.sock,tcp:10.0.0.1:6642" -> each remote, as python-ovs splits them (a
+    part without a colon belongs to the previous remote)."""
+    remotes: list[str] = []
+    for part in remote.split(","):
+        if remotes and ":" not in part:
+            remotes[-1] += "," + part
+        else:
+            remotes.append(part.strip())
+    return remotes
+
+
 class SbQuery:
-    """One-shot OVSDB selects on the SB (Logical_Flow is too big to monitor)."""
+    """One-shot OVSDB selects on the SB (Logical_Flow is too big to monitor).
+
+    `remote` may list several servers, comma separated (a clustered SB): each is tried
+    in turn until one answers. A follower's answer may lag the leader's by a few
+    milliseconds, which does not matter for the table layout.
+    """
 
     def __init__(self, remote: str, timeout: float = 10.0):
         self.remote = remote
+        self.remotes = split_remotes(remote)
         self.timeout = timeout
 
     def select(self, table: str, where: list, columns: list[str]) -> list[dict]:
+        errors = []
+        for remote in self.remotes:
+            try:
+                return self._select(remote, table, where, columns)
+            except LayoutError as exc:
+                errors.append(str(exc))
+        raise LayoutError("; ".join(errors))
+
+    def _select(self, remote: str, table: str, where: list, columns: list[str]) -> list[dict]:
         error, stream = ovs.stream.Stream.open_block(
-            ovs.stream.Stream.open(self.remote), int(self.timeout * 1000)
+            ovs.stream.Stream.open(remote), int(self.timeout * 1000)
         )
         if error:
-            raise LayoutError(f"cannot connect to {self.remote}: {error}")
+            raise LayoutError(f"cannot connect to {remote}: {os.strerror(error)}")
         conn = ovs.jsonrpc.Connection(stream)
         try:
             op = {"op": "select", "table": table, "where": where, "columns": columns}
             request = ovs.jsonrpc.Message.create_request("transact", ["OVN_Southbound", op])
             error, reply = conn.transact_block(request)
             if error or reply is None or reply.error:
-                raise LayoutError(f"select on {table} failed: {error or reply}")
+                raise LayoutError(f"select on {table} at {remote} failed: {error or reply}")
             result = reply.result[0]
             if "error" in result:
-                raise LayoutError(f"select on {table} failed: {result}")
+                raise LayoutError(f"select on {table} at {remote} failed: {result}")
             return result["rows"]
         finally:
             conn.close()

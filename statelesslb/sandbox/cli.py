@@ -3,6 +3,7 @@
     eval "$(statelesslb-sandbox up --dir /tmp/slb1 --gateways 2 --hypervisors 2)"
     ovn-nbctl show
     statelesslb-sandbox up --dir /tmp/slb2 --topology --agents   # and an agent per chassis
+    statelesslb-sandbox up --dir /tmp/slb3 --clustered   # NB and SB as 3-member RAFT clusters
     statelesslb-ctl --socket /tmp/slb2/gw1/slb.ctl status
     statelesslb-sandbox status --dir /tmp/slb1 [--format json]
     statelesslb-sandbox down --dir /tmp/slb1
@@ -50,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--agents", action="store_true",
                     help="also start a statelesslb-agent on every chassis (listed under "
                     "\"agents\" in sandbox.json, stopped by `down`)")
+    up.add_argument("--clustered", action="store_true",
+                    help="run NB and SB each as a 3-member RAFT cluster (one ovsdb-server "
+                    "and database file per member); OVN_NB_DB / OVN_SB_DB list every member")
     up.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
 
     down = sub.add_parser("down", help="stop exactly the processes the sandbox recorded")
@@ -63,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _up(args: argparse.Namespace) -> int:
     sbx = Sandbox(args.dir, gateways=args.gateways, hypervisors=args.hypervisors,
-                  physnet=args.physnet, timeout=args.timeout)
+                  physnet=args.physnet, timeout=args.timeout, clustered=args.clustered)
     sbx.up()
     print(f"export OVN_NB_DB={sbx.nb}")
     print(f"export OVN_SB_DB={sbx.sb}")
@@ -120,6 +124,9 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  OVN_NB_DB={st['nb']}\n  OVN_SB_DB={st['sb']}")
         for name, p in st["processes"].items():
             print(f"  {name:<22} pid {p['pid']:<8} {'alive' if p['alive'] else 'dead'}")
+        for db, c in st.get("clusters", {}).items():
+            print(f"  {db} cluster: leader {c['leader'] or 'none'} of "
+                  f"{', '.join(c['members'])}")
         for name, c in st["chassis"].items():
             reg = "registered" if c["registered"] else "NOT registered"
             print(f"  chassis {name:<6} {c['role']:<10} {reg}")

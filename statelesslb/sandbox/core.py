@@ -77,7 +77,8 @@ class Sandbox:
 
     def __init__(self, run_dir: Path | str, gateways: int = 2, hypervisors: int = 2,
                  physnet: str = "physnet1", *, client_mac: str = CLIENT_MAC,
-                 timeout: float = 60.0, enable_dummy: str = "system"):
+                 timeout: float = 60.0, enable_dummy: str = "system",
+                 clustered: bool = False):
         if enable_dummy not in ("system", ""):
             raise SandboxError(f"enable_dummy must be 'system' or '', not {enable_dummy!r}")
         if gateways < 0 or hypervisors < 0 or gateways + hypervisors == 0:
@@ -96,6 +97,12 @@ class Sandbox:
         # way the bridges use datapath_type=dummy and the sandbox's own dummy ports say
         # type=dummy explicitly.
         self.enable_dummy = enable_dummy
+        # clustered: NB and SB each a 3-member RAFT cluster (statelesslb.sandbox.cluster).
+        self.clusters: dict[str, Any] = {}
+        if clustered:
+            from statelesslb.sandbox.cluster import Cluster
+
+            self.clusters = {db: Cluster(self, db) for db in ("nb", "sb")}
         self.timings: dict[str, float] = {}
         self.processes: dict[str, ProcessRecord] = {}
         # Reserved for the lead's statelesslb-agent bookkeeping (written verbatim).
@@ -133,11 +140,20 @@ class Sandbox:
         return self.run_dir / "net"
 
     @property
+    def clustered(self) -> bool:
+        return bool(self.clusters)
+
+    @property
     def nb(self) -> str:
+        """The NB remote: with clusters, every member comma separated."""
+        if self.clusters:
+            return self.clusters["nb"].remote
         return f"unix:{self.run_dir}/nb/nb.sock"
 
     @property
     def sb(self) -> str:
+        if self.clusters:
+            return self.clusters["sb"].remote
         return f"unix:{self.run_dir}/sb/sb.sock"
 
     @property
@@ -170,8 +186,12 @@ class Sandbox:
 
     def socket_paths(self) -> list[str]:
         net, run = self.net_dir, self.run_dir
-        paths = [self.nb[5:], self.sb[5:], f"{run}/nb/ovsdb-server.ctl",
-                 f"{run}/sb/ovsdb-server.ctl", self.northd_ctl,
+        if self.clusters:
+            central = [p for c in self.clusters.values() for p in c.socket_paths()]
+        else:
+            central = [self.nb[5:], self.sb[5:], f"{run}/nb/ovsdb-server.ctl",
+                       f"{run}/sb/ovsdb-server.ctl"]
+        paths = [*central, self.northd_ctl,
                  self.net_db[5:], f"{net}/ovsdb-server.ctl", self.net_ctl,
                  f"{net}/{UNDERLAY_BRIDGE}.snoop", f"{net}/{EXTERNAL_BRIDGE}.mgmt"]
         for c in self.chassis.values():
@@ -470,6 +490,7 @@ class Sandbox:
             "agents": self.agents,
             "enable_dummy": self.enable_dummy,
             "netns": self.netns,
+            "clusters": {db: c.manifest() for db, c in self.clusters.items()},
             "timings": self.timings,
         }
 
@@ -502,7 +523,12 @@ class Sandbox:
             raise SandboxError(f"{path}: unsupported manifest version {doc.get('version')}")
         sbx = cls(doc["run_dir"], doc["gateways"], doc["hypervisors"], doc["physnet"],
                   client_mac=doc["external"]["client"]["mac"],
-                  enable_dummy=doc.get("enable_dummy", "system"))
+                  enable_dummy=doc.get("enable_dummy", "system"),
+                  clustered=bool(doc.get("clusters")))
+        for db, cluster in sbx.clusters.items():
+            for member, rec in zip(cluster.members, doc["clusters"][db]["members"],
+                                   strict=True):
+                member.raft = rec["raft"]
         sbx.processes = {n: ProcessRecord(**r) for n, r in doc.get("processes", {}).items()}
         sbx.agents = doc.get("agents", {})
         sbx.netns = doc.get("netns", {})
@@ -584,9 +610,16 @@ class Sandbox:
                  len(self.chassis), self.timings["registered"])
 
     def _start_central(self) -> None:
-        for db, schema in (("nb", self.bin.nb_schema), ("sb", self.bin.sb_schema)):
-            self._start_ovsdb(f"{db}/ovsdb-server", self.run_dir / db, f"{db}.db", schema,
-                              f"{db}.sock")
+        schemas = {"nb": self.bin.nb_schema, "sb": self.bin.sb_schema}
+        if self.clusters:
+            for db, cluster in self.clusters.items():
+                cluster.create(schemas[db])
+            for cluster in self.clusters.values():
+                cluster.wait_healthy(self.timeout)
+        else:
+            for db, schema in schemas.items():
+                self._start_ovsdb(f"{db}/ovsdb-server", self.run_dir / db, f"{db}.db",
+                                  schema, f"{db}.sock")
         self.nbctl("--no-wait", "init")
         self.sbctl("init")
         northd = self.run_dir / "northd"
@@ -658,7 +691,7 @@ class Sandbox:
         """Each recorded process alive or not, and each chassis' SB registration."""
         procs = {n: {"pid": r.pid, "alive": r.running()} for n, r in self.processes.items()}
         registered: set[str] = set()
-        sb_alive = procs.get("sb/ovsdb-server", {}).get("alive", False)
+        sb_alive = any(p["alive"] for n, p in procs.items() if n.startswith("sb/ovsdb-server"))
         if sb_alive:
             with contextlib.suppress(SandboxError):
                 registered = self.registered_chassis()
@@ -667,6 +700,12 @@ class Sandbox:
             own = {k: v for k, v in procs.items() if k.startswith(f"{name}/")}
             chassis[name] = {"role": c.role, "registered": name in registered,
                              "alive": bool(own) and all(p["alive"] for p in own.values())}
+        clusters = {}
+        for db, cluster in self.clusters.items():
+            leader = cluster.leader() if any(
+                procs.get(m.name, {}).get("alive") for m in cluster.members) else None
+            clusters[db] = {"leader": leader.name if leader else None,
+                            "members": [m.name for m in cluster.members]}
         return {
             "run_dir": str(self.run_dir),
             "running": bool(procs) and all(p["alive"] for p in procs.values())
@@ -675,6 +714,7 @@ class Sandbox:
             "chassis": chassis,
             "nb": self.nb,
             "sb": self.sb,
+            "clusters": clusters,
         }
 
     def __enter__(self) -> Sandbox:
