@@ -371,11 +371,7 @@ class NetnsLab:
                     timeout: float = 10.0) -> EchoRun:
         """Start tcpapps.py echo-client in the client namespace (one connection per
         source port); see EchoRun."""
-        out = self.dir / f"{label}.json"
-        stop_file = self.dir / f"{label}.stop"
-        for p in (out, stop_file):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        out, stop_file = self._fresh_outputs(label)
         self.start("client", label,
                    [python3(), "-u", TCPAPPS, "echo-client", "--vip", vip, "--port", str(port),
                     "--src", self.host("client").ip, "--sports", ",".join(map(str, sports)),
@@ -384,14 +380,18 @@ class NetnsLab:
                     "--stop-file", str(stop_file)])
         return EchoRun(self, label, out, stop_file, duration)
 
-    def sniff(self, label: str, low: int, high: int, duration: float = 300.0) -> SniffRun:
-        """Start tcpapps.py sniff in the client namespace: counts of the TCP packets
-        arriving for client ports low..high by source address and port (SniffRun)."""
-        out = self.dir / f"{label}.json"
-        stop_file = self.dir / f"{label}.stop"
+    def _fresh_outputs(self, label: str) -> tuple[Path, Path]:
+        """A tcpapps run's report and stop files, with a previous run's removed."""
+        out, stop_file = self.dir / f"{label}.json", self.dir / f"{label}.stop"
         for p in (out, stop_file):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+        return out, stop_file
+
+    def sniff(self, label: str, low: int, high: int, duration: float = 300.0) -> SniffRun:
+        """Start tcpapps.py sniff in the client namespace: counts of the TCP packets
+        arriving for client ports low..high by source address and port (SniffRun)."""
+        out, stop_file = self._fresh_outputs(label)
         self.start("client", label,
                    [python3(), "-u", TCPAPPS, "sniff", "--iface", "eth0",
                     "--ports", f"{low}-{high}", "--duration", str(duration),
