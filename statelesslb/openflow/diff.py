@@ -25,12 +25,14 @@ def bucket_body(text: str) -> str:
     return _BUCKET_ID_PREFIX.sub("", text.strip())
 
 
+def want_bucket(group: GroupSpec, bucket_id: int) -> str:
+    """'weight:..,actions=..' of one planned bucket, the form dump-groups prints back."""
+    return bucket_body(group.bucket_text(bucket_id).removeprefix("bucket="))
+
+
 def want_buckets(group: GroupSpec) -> dict[int, str]:
-    """Bucket id -> 'weight:..,actions=..', the form dump-groups prints back."""
-    return {
-        bid: bucket_body(group.bucket_text(bid).removeprefix("bucket="))
-        for bid in group.buckets
-    }
+    """Bucket id -> want_bucket(), for every bucket of the group."""
+    return {bid: want_bucket(group, bid) for bid in group.buckets}
 
 
 def group_header(group: GroupSpec) -> str:
@@ -57,7 +59,9 @@ class _PlannedBuckets(Mapping[int, str]):
         return want_buckets(self._group)
 
     def __getitem__(self, bucket_id: int) -> str:
-        return self._rendered()[bucket_id]
+        if bucket_id not in self._group.buckets:
+            raise KeyError(bucket_id)
+        return want_bucket(self._group, bucket_id)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._group.buckets)

@@ -83,6 +83,11 @@ def parse_groups(dump: str, id_min: int, id_max: int) -> dict[int, InstalledGrou
     return groups
 
 
+def _listed_ids(stats: str) -> set[int]:
+    """The group ids a `dump-group-stats` lists."""
+    return {int(m.group(1)) for m in _STATS_GROUP_RE.finditer(stats)}
+
+
 def _error_summary(stderr: str, limit: int = 600) -> str:
     """ovs-ofctl echoes whole messages after an error: keep the error lines, shortened."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
@@ -117,7 +122,7 @@ class Ofctl:
         return parse_flow_cookies(self.run("dump-flows", our_cookies(cookie_prefix), "--no-stats"))
 
     def group_ids(self) -> set[int]:
-        return {int(m.group(1)) for m in _STATS_GROUP_RE.finditer(self.group_stats())}
+        return _listed_ids(self.group_stats())
 
     def groups(self, id_min: int, id_max: int, known: Iterable[int] = (),
                bulk_ok: bool = False) -> dict[int, InstalledGroup]:
@@ -138,7 +143,7 @@ class Ofctl:
         known = set(known)
         if bulk_ok:
             stats = self.group_stats()
-            listed = {int(m.group(1)) for m in _STATS_GROUP_RE.finditer(stats)}
+            listed = _listed_ids(stats)
             largest = max((len(_STATS_BUCKET_RE.findall(line))
                            for line in stats.splitlines()), default=0)
             if largest <= BULK_DUMP_MAX_BUCKETS and all(
@@ -146,18 +151,23 @@ class Ofctl:
                 return parse_groups(self.run("dump-groups"), id_min, id_max)
             LOG.info("group stats list a group of %d buckets, or not every group: "
                      "dumping ours one by one", largest)
+        else:
+            listed = None
         out: dict[int, InstalledGroup] = {}
-        for dump in self.group_dumps(id_min, id_max, known).values():
+        for dump in self.group_dumps(id_min, id_max, known, listed).values():
             out.update(parse_groups(dump, id_min, id_max))
         return out
 
-    def group_dumps(self, id_min: int, id_max: int,
-                    known: Iterable[int] = ()) -> dict[int, str]:
-        """Group id -> its own `dump-groups` text, for the ids groups() reads."""
-        try:
-            listed = self.group_ids()
-        except OfctlError:
-            listed = set()
+    def group_dumps(self, id_min: int, id_max: int, known: Iterable[int] = (),
+                    listed: set[int] | None = None) -> dict[int, str]:
+        """Group id -> its own `dump-groups` text, for the ids groups() reads.
+
+        `listed`: the ids the group stats list, when the caller has just read them."""
+        if listed is None:
+            try:
+                listed = self.group_ids()
+            except OfctlError:
+                listed = set()
         out: dict[int, str] = {}
         for gid in sorted(listed | set(known)):
             if id_min <= gid <= id_max:

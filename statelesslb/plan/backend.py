@@ -38,6 +38,9 @@ from statelesslb.plan.specs import (
     PlanConfig,
 )
 
+# The logical port's own conntrack zone, which ovn-controller keeps in reg13.
+PORT_ZONE = "zone=NXM_NX_REG13[0..15]"
+
 
 @dataclass(frozen=True, slots=True)
 class _LocalBackend:
@@ -174,7 +177,7 @@ def _backend_flows(
 ) -> None:
     l4, ip_prefix = l4_match(valid.protocol, vip.ip)
     port_key, dp_key = hex_int(b.port_key), hex_int(b.switch_dp)
-    zone = "zone=NXM_NX_REG13[0..15]"   # the port's own conntrack zone
+    zone = PORT_ZONE
     vip_part = f"{ip_prefix}_dst={ip_text(vip.ip)},tp_dst={dec_int(vip.port, 0xFFFF)}"
     forward = dec_int(config.backend_forward_table, MAX_TABLE)
     # Every stateless DNAT goes on to the ownership record (backend forward table).
@@ -280,7 +283,7 @@ def _ownership_flows(
         FlowSpec(reply, 200, f"ct_state=+trk,ct_mark={mark}/{mark},{from_backend}",
                  f"resubmit(,{in_next})", cookie),
         FlowSpec(reply, 100, from_backend,
-                 f"ct(table={in_next},zone=NXM_NX_REG13[0..15],nat)", cookie),
+                 f"ct(table={in_next},{PORT_ZONE},nat)", cookie),
     ]
     if protocol == "tcp":
         syn = "tcp_flags=+syn-ack"
