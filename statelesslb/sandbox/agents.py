@@ -94,3 +94,7 @@ def wait_agents_ready(sandbox: Sandbox, timeout: float = 30.0) -> None:
         return True
 
     wait_until(ready, timeout, 0.1, "agents to complete a first sync")
+    # Agents starting together load the machine (cold on a fresh one): BFD may flap and
+    # a chassisredirect port move and back, and its GARPs teach the external segment
+    # the router MAC at the wrong gateway. Settle again so tests start from the same state.
+    sandbox.wait_settled(timeout)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 
 from statelesslb.nb.model import EXT_BUCKETS, EXT_STATUS, EXT_VIP_IDS
@@ -14,7 +15,7 @@ from statelesslb.openflow.ofctl import InstalledGroup, Ofctl, parse_groups
 from statelesslb.plan.specs import our_cookies
 from statelesslb.sandbox import packets as P
 from statelesslb.sandbox.chassis import Chassis
-from statelesslb.sandbox.core import Sandbox
+from statelesslb.sandbox.core import EXTERNAL_BRIDGE, Sandbox
 from statelesslb.sandbox.ovsread import cross_check, read_groups
 from statelesslb.sandbox.processes import parse_ctl_json, wait_until
 from statelesslb.sandbox.topology import Topology, Vm
@@ -244,7 +245,7 @@ def open_connections(sb: Sandbox, topo: Topology, vip: str, sports: range,
     try:
         wait_until(landed, settle, 0.05, "every SYN at a VM")
     except TimeoutError:
-        pass
+        print(_why_not_landed(sb, sorted(wanted - set(owner)), len(wanted)), file=sys.stderr)
     conns = []
     for sport, (vm, backend_port) in sorted(owner.items()):
         sb.chassis[vm.chassis].inject(vm.name, P.tcp_synack(
@@ -252,6 +253,24 @@ def open_connections(sb: Sandbox, topo: Topology, vip: str, sports: range,
         sb.client_inject(P.tcp_ack(topo.client_mac, mac, src, vip, sport, dport))
         conns.append(Conn(src, sport, vm.name))
     return conns
+
+
+def _why_not_landed(sb: Sandbox, missing: list[int], wanted: int) -> str:
+    """What a test failure needs when SYNs did not reach a VM: where each gateway port
+    lives, BFD, and where the external segment believes the router MACs are."""
+    lines = [f"open_connections: {len(missing)} of {wanted} SYNs reached no VM "
+             f"(source ports {missing[:8]}{'...' if len(missing) > 8 else ''})"]
+    try:
+        names = {r["_uuid"]: r["name"] for r in sb.sb_rows("Chassis", columns=["_uuid", "name"])}
+        for pb in sb.sb_rows("Port_Binding", "type=chassisredirect",
+                             columns=["logical_port", "chassis"]):
+            lines.append(f"  {pb['logical_port']} on {names.get(pb['chassis'], pb['chassis'])}")
+        for gw in sb.gateway_chassis:
+            lines.append(f"  {gw.name}: BFD up {gw.bfd_up()}")
+        lines.append("  external segment fdb:\n" + sb.net_appctl("fdb/show", EXTERNAL_BRIDGE))
+    except Exception as exc:  # a diagnostic must not hide the failure it explains
+        lines.append(f"  (diagnostics failed: {exc})")
+    return "\n".join(lines)
 
 
 def midstream(sb: Sandbox, topo: Topology, vip: str, conns: list[Conn], tag: bytes,
