@@ -67,8 +67,8 @@ def class_balance(bucket_ids: dict[str, int], vip: str, sources: str,
     ids = sorted(bucket_ids.values())
     counts = dict.fromkeys(ids, 0)
     for src in ipaddress.ip_network(sources):
-        for sport in range(1 << hashing.port_bits):
-            pkt = FlowTuple(4, src, vip, 6, sport, 80)   # only the low bits count
+        for sport in range(0, 2 << hashing.port_bits, 2):
+            pkt = FlowTuple(4, src, vip, 6, sport, 80)   # only bits 1..port_bits count
             counts[predict_bucket(ids, BUCKET_WEIGHT, fields, pkt)] += 1
     return round(max(counts.values()) / statistics.mean(counts.values()), 3)
 
