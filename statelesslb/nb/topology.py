@@ -146,9 +146,9 @@ class Dependents:
 
     def __init__(self) -> None:
         # key -> (the key object kept, the signature(s) holding it)
-        self._by_key: dict[object, tuple[object, _OneOrMore]] = {}
+        self._by_key: dict[object, tuple[object, OneOrMore]] = {}
         # signature -> (the signature object kept, its reader(s))
-        self._readers: dict[tuple[object, ...], tuple[tuple[object, ...], _OneOrMore]] = {}
+        self._readers: dict[tuple[object, ...], tuple[tuple[object, ...], OneOrMore]] = {}
         self._keys: dict[str, tuple[object, ...]] = {}             # uuid -> its signature
         self._anything: set[str] = set()
 
@@ -203,20 +203,20 @@ class Dependents:
             entry = self._by_key.get(key)
             if entry is None:
                 continue
-            for signature in _each(entry[1]):
-                found.update(_each(self._readers[signature][1]))
+            for signature in members(entry[1]):
+                found.update(members(self._readers[signature][1]))
         return found
 
 
 # One item, or a set of several (a set of one costs ~200 bytes). Items are never sets.
-_OneOrMore = object
+OneOrMore = object
 
 
-def _each(items: _OneOrMore) -> Iterable:
+def members(items: OneOrMore) -> Iterable:
     return items if isinstance(items, set) else (items,)
 
 
-def add_member(items: _OneOrMore, item: object) -> _OneOrMore:
+def add_member(items: OneOrMore, item: object) -> OneOrMore:
     """`items` (one item or a set of several) with `item` too."""
     if isinstance(items, set):
         items.add(item)
@@ -224,7 +224,7 @@ def add_member(items: _OneOrMore, item: object) -> _OneOrMore:
     return items if items == item else {items, item}
 
 
-def remove_member(items: _OneOrMore, item: object) -> _OneOrMore | None:
+def remove_member(items: OneOrMore, item: object) -> OneOrMore | None:
     """What is left of `items` (one item or a set of several) without `item` (None:
     nothing)."""
     if not isinstance(items, set):
