@@ -17,6 +17,7 @@ from statelesslb.agent.watchers import Watcher
 from statelesslb.nb import bucket_ids
 from statelesslb.nb.acks import DEFAULT_ACK_TIMEOUT
 from statelesslb.nb.model import EXT_ACTIVE, EXT_PREVIOUS, NbView, SbView
+from statelesslb.nb.topology import TopologyCache
 from statelesslb.nb.validate import ValidationMemo
 
 LOG = logging.getLogger(__name__)
@@ -26,9 +27,10 @@ LOG_EACH_MAX = 50
 
 class NbWriter:
     def __init__(self, watcher: Watcher, validation: ValidationMemo | None = None,
-                 ack_timeout: float = DEFAULT_ACK_TIMEOUT):
+                 ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+                 topology: TopologyCache | None = None):
         self.watcher = watcher
-        self.reconciler = bucket_ids.NbReconciler(validation, ack_timeout)
+        self.reconciler = bucket_ids.NbReconciler(validation, ack_timeout, topology)
         self.writes = 0
         self.last_error: str | None = None
 

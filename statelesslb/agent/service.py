@@ -29,6 +29,7 @@ from statelesslb.agent.control import CtlServer
 from statelesslb.agent.state import AgentState
 from statelesslb.nb import acks
 from statelesslb.nb.model import Snapshot, TableLayout
+from statelesslb.nb.topology import TopologyCache
 from statelesslb.nb.validate import ValidationMemo
 from statelesslb.openflow import diff, tables
 from statelesslb.openflow.ofctl import (
@@ -107,9 +108,11 @@ class Agent:
             gateway_zone=slb.gateway_zone,
             backend_zone=slb.backend_zone,
         )
-        # One validation memo for the NB writer and the planner: validated once per change.
+        # One validation memo and one topology index for the NB writer and the planner:
+        # validated and indexed once per change, held once in memory.
         self.validation = ValidationMemo()
-        self.planner = IncrementalPlanner(self.plan_config, self.validation)
+        self.topology = TopologyCache()
+        self.planner = IncrementalPlanner(self.plan_config, self.validation, self.topology)
         self.ovs = self.nb = self.sb = None
         self.ofctl: Ofctl | None = None
         self.monitor: WipeMonitor | None = None
@@ -171,7 +174,7 @@ class Agent:
         self.sb_reader = watchers.SbReader(self.sb)
         if conf.statelesslb.nb_writer:
             self.writer = nb_writer.NbWriter(self.nb, self.validation,
-                                            conf.statelesslb.ack_timeout)
+                                            conf.statelesslb.ack_timeout, self.topology)
         self.ofctl = Ofctl(target, conf.ovs.ofctl_path, conf.ovs.ofctl_timeout)
         self.monitor = WipeMonitor(
             target, conf.statelesslb.sentinel_table, self._on_wipe, conf.ovs.ofctl_path,

@@ -516,8 +516,10 @@ class NbReconciler:
     """
 
     def __init__(self, validation: ValidationMemo | None = None,
-                 ack_timeout: float = DEFAULT_ACK_TIMEOUT) -> None:
-        self._topology = TopologyCache()
+                 ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+                 topology: TopologyCache | None = None) -> None:
+        # The agent shares one with its planner: one topology index, built once.
+        self._topology = topology or TopologyCache()
         # The agent shares one memo with its planner: a topology change validates once.
         self._validation = validation or ValidationMemo()
         self.ack_timeout = ack_timeout
@@ -580,7 +582,7 @@ class NbReconciler:
         """reconcile_nb(all LBs of nb, nb, now, sb, installed, self.ack_timeout);
         `changed`: LB uuids changed since the last call (None: unknown)."""
         lbs = nb.load_balancers
-        topology = self._topology.get(nb)
+        topology = self._topology.get(nb, self)
         index = topology.index
         validation = self._validation.scope(nb, topology.key)
         full = (changed is None or self._claims is None

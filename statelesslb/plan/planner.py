@@ -128,9 +128,11 @@ class IncrementalPlanner:
     """
 
     def __init__(self, config: PlanConfig | None = None,
-                 validation: ValidationMemo | None = None):
+                 validation: ValidationMemo | None = None,
+                 topology: TopologyCache | None = None):
         self.config = config or PlanConfig()
-        self._topology = TopologyCache()
+        # The agent shares one with its NB writer: one topology index, built once.
+        self._topology = topology or TopologyCache()
         self._validation = validation or ValidationMemo()
         self._context: tuple[object, ...] | None = None   # (chassis, tables) last planned for
         self._parts: dict[str, _Part] = {}
@@ -148,7 +150,7 @@ class IncrementalPlanner:
         update (None: unknown, every LB is looked at)."""
         _check_tables(snapshot.tables, self.config)
         nb = snapshot.nb
-        topology = self._topology.get(nb)
+        topology = self._topology.get(nb, self)
         index = topology.index
         validation = self._validation.scope(nb, topology.key)
         context_changed = self._check_context(snapshot, topology)
