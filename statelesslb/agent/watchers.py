@@ -233,7 +233,8 @@ def read_local_ovs(watcher: Watcher) -> dict[str, str]:
         return dict(rows[0].external_ids) if rows else {}
 
 
-def _load_balancer(row) -> model.NbLoadBalancer:
+def lb_model(row) -> model.NbLoadBalancer:
+    """A Load_Balancer row as the model (call with the connection lock held)."""
     return model.NbLoadBalancer(
         uuid=str(row.uuid),
         name=row.name,
@@ -320,7 +321,7 @@ class NbReader:
             touched = changes.rows.get("Load_Balancer", set())
             changed: frozenset[str] | None
             if changes.everything or everything:
-                lbs = {str(row.uuid): _load_balancer(row) for row in lb_rows.values()}
+                lbs = {str(row.uuid): lb_model(row) for row in lb_rows.values()}
                 if not changes.everything:
                     self._check_lbs(lbs, {str(u) for u in touched})
                 self._lbs, changed = lbs, None
@@ -330,7 +331,7 @@ class NbReader:
                     if row is None:
                         self._lbs.pop(str(row_uuid), None)
                     else:
-                        self._lbs[str(row_uuid)] = _load_balancer(row)
+                        self._lbs[str(row_uuid)] = lb_model(row)
                 changed = frozenset(str(u) for u in touched)
             topology_touched = not NB_TOPOLOGY_TABLES.isdisjoint(changes.rows)
             if changes.everything or everything or topology_touched or self._topology is None:
