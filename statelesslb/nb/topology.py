@@ -353,6 +353,10 @@ class TopologyIndex:
     addresses: dict[str, dict[IpAddress, list[_PortAddress]]] = field(default_factory=dict)
     # LSP name -> every MAC of its address entries
     macs_of_lsp: dict[str, set[str]] = field(default_factory=dict)
+    # Backends validation resolved against this topology (statelesslb.nb.validate):
+    # (router uuid, IP, port, key, the LB's mapping for the IP) -> its ValidBackend.
+    resolved: dict[tuple[object, ...], object] = field(default_factory=dict, compare=False,
+                                                       repr=False)
 
 
 def _vif_addresses(port: NbSwitchPort) -> list[tuple[str, list[IpAddress]]]:
