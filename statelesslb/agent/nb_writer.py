@@ -54,6 +54,7 @@ class NbWriter:
         api_idl = self.watcher.idl
         from ovs.db import idl as ovs_idl
 
+        level = logging.INFO if len(changes) <= LOG_EACH_MAX else logging.DEBUG
         with self.watcher.connection.lock:
             txn = ovs_idl.Transaction(api_idl)
             rows = api_idl.tables["Load_Balancer"].rows
@@ -74,8 +75,8 @@ class NbWriter:
                                 "break", lb.name, ", ".join(late))
                 # One line per LB at INFO for a few; a batch of thousands is summed up
                 # below (10,000 lines cost the agent seconds, docs/scale.md).
-                LOG.log(logging.INFO if len(changes) <= LOG_EACH_MAX else logging.DEBUG,
-                        "LB %s: %s", lb.name, _describe(delta))
+                if LOG.isEnabledFor(level):   # _describe costs, even when not logged
+                    LOG.log(level, "LB %s: %s", lb.name, _describe(delta))
                 LOG.debug("LB %s: full values %s", lb.name, delta)
             status = txn.commit_block()
         if status not in (ovs_idl.Transaction.SUCCESS, ovs_idl.Transaction.UNCHANGED):
