@@ -325,11 +325,12 @@ class _Merged:
 
     def _clashes(self, candidate: Candidate) -> bool:
         for key, (flow, _vip) in candidate.flows.items():
+            # Shared flows (a backend's, in every LB it serves) are the same object.
             known = self.flow_by_key.get(key)
-            if known is not None and known != flow:
+            if known is not None and known is not flow and known != flow:
                 return True
             same_cookie = self.flows.get(flow.cookie)
-            if same_cookie is not None and same_cookie != flow:
+            if same_cookie is not None and same_cookie is not flow and same_cookie != flow:
                 return True
         for group_id, (group, _vip) in candidate.groups.items():
             known_group = self.groups.get(group_id)
