@@ -153,7 +153,7 @@ def main() -> None:
               "agent work: the agent's iteration that applied it (NB read, NB write, "
               "plan, diff) without ovs-ofctl: the `ovs-ofctl bundle` it ran; "
               "notice->done: from the IDL's first notice of the change to the bundle "
-              "done (20 ms debounce included); "
+              "done (a backend change of a valid LB does not wait for the debounce); "
               "persistence=hash, so no two-phase settle second")
         print(f"\n{'LBs':>6} {'install s':>10} {'native s':>9} {'ratio':>6} | "
               f"{'resync s':>9} {'/native install':>16} | {'change ms':>10} "
