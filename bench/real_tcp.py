@@ -7,7 +7,11 @@ one LB per configuration over the same backends, one after the other:
 
 - native:     OVN's own LB (conntrack on the gateway), VIP 172.16.0.110:80;
 - stateless:  options:stateless_mode=mac with options:stateless_hash=<each --hash>,
-              VIPs 172.16.0.100, .101, ... (persistence --persistence).
+              VIPs 172.16.0.100, .101, ... (persistence --persistence), once per
+              --return: `gateway` (replies back through the gateway holding the DGP, as
+              OVN's own) and/or `direct` (options:stateless_return=direct: replies leave
+              the backend's chassis; the hypervisors are then on the external segment
+              too, with chassis MACs, for every configuration).
 
 Each configuration's clients come from their own range of --client-addrs addresses
 (172.16.<n>.0/24 routed to the client namespace: many clients, as on the internet; own
@@ -19,7 +23,7 @@ gateway's and the backends' ovs-vswitchd CPU per 1,000 connections, balance (bus
 backend's requests / mean over all backends), and ratios to native.
 
     sudo .venv/bin/python bench/real_tcp.py [--vms 16] [--clients 8] [--duration 10]
-        [--hash 5-tuple --hash client-bits:8,port-bits:5]
+        [--hash 5-tuple --hash client-bits:8,port-bits:5] [--return gateway --return direct]
 
 Bounded: --duration is at most 120 s per phase and each client stops after
 --max-requests in all. Only the namespaces' addresses are used; everything is removed at
@@ -63,8 +67,8 @@ def class_balance(bucket_ids: dict[str, int], vip: str, sources: str,
     ids = sorted(bucket_ids.values())
     counts = dict.fromkeys(ids, 0)
     for src in ipaddress.ip_network(sources):
-        for sport in range(1 << hashing.port_bits):
-            pkt = FlowTuple(4, src, vip, 6, sport, 80)   # only the low bits count
+        for sport in range(0, 2 << hashing.port_bits, 2):
+            pkt = FlowTuple(4, src, vip, 6, sport, 80)   # only bits 1..port_bits count
             counts[predict_bucket(ids, BUCKET_WEIGHT, fields, pkt)] += 1
     return round(max(counts.values()) / statistics.mean(counts.values()), 3)
 
@@ -97,6 +101,9 @@ def main() -> int:
     ap.add_argument("--max-idle", type=int, default=None,
                     help="set the gateways' other_config:max-idle (ms; OVS default 10000): "
                     "how long an unused datapath flow lives")
+    ap.add_argument("--return", action="append", dest="returns", choices=("gateway", "direct"),
+                    help="options:stateless_return values to measure for each --hash "
+                    "(repeat; default: gateway)")
     ap.add_argument("--persistence", default="second-chance",
                     help="the stateless LBs' options:stateless_persistence")
     ap.add_argument("--show-flows", action="store_true",
@@ -105,12 +112,13 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
     args = ap.parse_args()
     hashes = args.hashes or ["5-tuple", DEFAULT_HASH.text]
+    returns = list(dict.fromkeys(args.returns or ["gateway"]))
     if not 1 <= args.clients <= 64 or not 1 <= args.duration <= 120:
         ap.error("--clients must be 1..64 and --duration 1..120")
     if not 1 <= args.vms <= 32 or args.client_addrs not in (1, 16, 64, 256):
         ap.error("--vms must be 1..32 and --client-addrs 1, 16, 64 or 256")
-    if len(hashes) > 8:
-        ap.error("at most 8 --hash values")
+    if len(hashes) * len(returns) > 8:
+        ap.error("at most 8 stateless configurations (--hash values x --return values)")
     for text in hashes:
         try:
             parse_hash({"stateless_hash": text})
@@ -121,16 +129,20 @@ def main() -> int:
         print(f"cannot run: {why}", file=sys.stderr)
         return 1
 
-    # label -> (LB name, VIP, stateless_hash or None for native)
-    configs = {"native": ("bench-native", NATIVE_VIP, None)}
-    for i, text in enumerate(hashes):
-        configs[f"hash {text}"] = (f"bench-h{i}", f"172.16.0.{100 + i}", text)
+    # label -> (LB name, VIP, stateless_hash or None for native, stateless_return)
+    configs = {"native": ("bench-native", NATIVE_VIP, None, "gateway")}
+    for text in hashes:
+        for way in returns:
+            i = len(configs) - 1
+            label = f"hash {text}" + (" direct" if way == "direct" else "")
+            configs[label] = (f"bench-h{i}", f"172.16.0.{100 + i}", text, way)
     prefix = 32 - (args.client_addrs - 1).bit_length()
     sources = {label: ("" if args.client_addrs == 1 else f"172.16.{n}.0/{prefix}")
                for n, label in enumerate(configs, start=1)}
 
     run_dir = Path(tempfile.mkdtemp(prefix="slb-bench-", dir="/tmp"))
-    sb = N.real_sandbox(run_dir, gateways=2, hypervisors=2)
+    sb = N.real_sandbox(run_dir, gateways=2, hypervisors=2,
+                        external_hypervisors="direct" in returns)
     results: dict[str, dict[str, dict]] = {}
     try:
         t0 = time.monotonic()
@@ -145,22 +157,23 @@ def main() -> int:
         for cidr in filter(None, sources.values()):
             lab.add_client_sources(topo, cidr)
         backends = ",".join(f"{vm.ip}:8080" for vm in topo.vms)
-        for name, vip, hash_text in configs.values():
+        for name, vip, hash_text, way in configs.values():
             cmd = ["lb-add", name, f"{vip}:80", backends, "tcp"]
             if hash_text is not None:
                 cmd += ["--", "set", "load_balancer", name, "options:stateless_mode=mac",
                         f"options:stateless_persistence={args.persistence}",
-                        f"options:stateless_hash=\"{hash_text}\""]
+                        f"options:stateless_hash=\"{hash_text}\"",
+                        f"options:stateless_return={way}"]
             sb.nbctl(*cmd)
             sb.nbctl("lr-lb-add", topo.router, name)
         expected_balance = {}
-        for label, (name, vip, hash_text) in configs.items():
+        for label, (name, vip, hash_text, _way) in configs.items():
             if hash_text is not None:
                 wait_lb_ready(sb, name, f"{vip}:80", args.vms, topo=topo)
                 expected_balance[label] = class_balance(lb_ids(sb, name)[1], vip,
                                                         sources[label], hash_text)
         sb.wait_flows_installed()
-        for _, vip, _ in configs.values():
+        for _, vip, _, _ in configs.values():
             rc, body = lab.curl(f"http://{vip}/who")
             if rc != 0:
                 raise SystemExit(f"warm-up request to {vip} failed (curl exit {rc})")
@@ -170,7 +183,7 @@ def main() -> int:
               file=sys.stderr)
         # Let the warm-up's datapath flows expire: "cold" starts cold.
         time.sleep((args.max_idle or 10_000) / 1000 + 1)
-        for label, (_name, vip, _hash) in configs.items():
+        for label, (_name, vip, _hash, _way) in configs.items():
             results[label] = {}
             for phase in PHASES:
                 results[label][phase] = run_load(

@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
 
 from oslo_config import cfg
@@ -27,8 +27,10 @@ from statelesslb import config
 from statelesslb.agent import nb_writer, watchers
 from statelesslb.agent.control import CtlServer
 from statelesslb.agent.state import AgentState
+from statelesslb.agent.uplinks import UplinkError, Uplinks, vsctl_binary
 from statelesslb.nb import acks
-from statelesslb.nb.model import Snapshot, TableLayout
+from statelesslb.nb.model import LocalChassis, Snapshot, TableLayout
+from statelesslb.nb.parse import parse_local_chassis
 from statelesslb.nb.topology import TopologyCache
 from statelesslb.nb.validate import ValidationMemo, ValidLb
 from statelesslb.openflow import diff, tables
@@ -119,6 +121,8 @@ class Agent:
         self.ctl: CtlServer | None = None
         self.bridge: str | None = None
         self.writer: nb_writer.NbWriter | None = None
+        self._local: LocalChassis | None = None
+        self.uplinks: Uplinks | None = None
 
     # -- change notifications (called from other threads) --------------------
     def _on_change(self, source: str, reconnected: bool) -> None:
@@ -176,6 +180,8 @@ class Agent:
             self.writer = nb_writer.NbWriter(self.nb, self.validation,
                                             conf.statelesslb.ack_timeout, self.topology)
         self.ofctl = Ofctl(target, conf.ovs.ofctl_path, conf.ovs.ofctl_timeout)
+        self.uplinks = Uplinks(conf.ovs.ovsdb_connection, bridge,
+                               vsctl_binary(conf.ovs.ofctl_path), conf.ovs.ofctl_timeout)
         self.monitor = WipeMonitor(
             target, conf.statelesslb.sentinel_table, self._on_wipe, conf.ovs.ofctl_path,
             run_dir=os.path.dirname(conf.unixctl_path) if conf.unixctl_path else None,
@@ -186,6 +192,24 @@ class Agent:
             self.ctl.start()
         LOG.info("statelesslb-agent started on chassis %s (bridge %s, SB %s)",
                  self.status.chassis, target, sb_remote)
+
+    def _local_chassis(self, full: bool) -> LocalChassis:
+        """The chassis' reach from the local OVS; the uplink ports brought in line with it
+        when it changed, and on every full resync (someone may have removed them)."""
+        mappings = parse_local_chassis(watchers.read_local_ovs(self.ovs))
+        previous = self._local
+        if (not full and previous is not None and previous.bridges == mappings.bridges
+                and previous.chassis_macs == mappings.chassis_macs):
+            return previous
+        try:
+            ports = self.uplinks.sync(mappings) if self.uplinks is not None else {}
+        except UplinkError as exc:
+            LOG.warning("cannot set up the direct-return uplinks, replies keep going "
+                        "through the gateway: %s", exc)
+            self.status.last_error = str(exc)
+            self._schedule_retry(5.0)
+            ports = {}
+        return replace(mappings, uplinks=ports)
 
     def _wait_for_chassis_settings(self) -> dict[str, str]:
         deadline = time.monotonic() + 300
@@ -301,8 +325,14 @@ class Agent:
                     self._full_resync = True   # still owed once there is a layout
             self._schedule_retry(0.2)
             return
+        local = self._local_chassis(full)
+        if local != self._local:
+            # Every LB with direct return reads the chassis' reach: plan them all again.
+            LOG.info("local chassis: bridge mappings %s, chassis MACs %s, uplinks %s",
+                     dict(local.bridges), dict(local.chassis_macs), dict(local.uplinks))
+            self._local, full = local, True
         snapshot = Snapshot(nb=nb_view, sb=self.sb_reader.read(),
-                            chassis=self.status.chassis, tables=self._layout)
+                            chassis=self.status.chassis, tables=self._layout, local=local)
         clock.lap("read_sb")
         update = self.planner.update(snapshot, now=time.time(),
                                      changed=None if full else self._plan_changes)

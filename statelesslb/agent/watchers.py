@@ -40,7 +40,7 @@ NB_TABLES: dict[str, tuple[str, ...]] = {
     "Logical_Router_Port": ("name", "mac", "networks", "gateway_chassis",
                             "ha_chassis_group", "options"),
     "Logical_Switch": ("name", "ports"),
-    "Logical_Switch_Port": ("name", "type", "addresses", "options"),
+    "Logical_Switch_Port": ("name", "type", "addresses", "options", "tag_request"),
     "Gateway_Chassis": ("chassis_name",),
     "HA_Chassis_Group": ("ha_chassis",),
     "HA_Chassis": ("chassis_name",),
@@ -299,6 +299,7 @@ def _topology(watcher: Watcher) -> tuple[dict, dict, dict, dict]:
             type=row.type,
             addresses=tuple(row.addresses),
             options=dict(row.options),
+            tag_request=_opt(row.tag_request),
         )
         for row in watcher.rows("Logical_Switch_Port")
     }

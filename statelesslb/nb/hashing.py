@@ -10,10 +10,13 @@ of classes, 2**(client bits + port bits), whatever the connections and clients.
 Operators write `options:stateless_hash` on the NB Load_Balancer:
 
 - ``5-tuple``: every address and port bit (one datapath flow per connection);
-- ``client-bits:N,port-bits:M``: the N low bits of the client's address and the
-  M low bits of its source port (either part may be left out: 0 bits), N + M in
-  1..16. The VIP, its port and the protocol are matched exactly by the
-  intercept flow anyway, so they are hashed whole at no extra cost.
+- ``client-bits:N,port-bits:M``: the N low bits of the client's address and M
+  bits of its source port, from bit 1 up (either part may be left out: 0 bits),
+  N + M in 1..16. Bit 0 is skipped because Linux gives connect() even source
+  ports (odd ones go to bind()): hashed, it would leave half the classes empty.
+  With M = 16 (no client bits) every port bit is hashed. The VIP, its port and
+  the protocol are matched exactly by the intercept flow anyway, so they are
+  hashed whole at no extra cost.
 
 The same fields serve the gateways' groups and the backends' previous-set
 groups: both must hash a packet alike.
@@ -84,9 +87,15 @@ class HashClasses:
             parts.append(f"{ip}_src={text}")
         parts += [f"{ip}_dst", "nw_proto"]
         if self.port_bits:
-            parts.append(f"{protocol}_src={(1 << self.port_bits) - 1}")
+            parts.append(f"{protocol}_src={port_mask(self.port_bits)}")
         parts.append(f"{protocol}_dst")
         return "fields(" + ",".join(parts) + ")"
+
+
+def port_mask(bits: int) -> int:
+    """The source-port mask of `bits` port bits: bits 1..bits (Linux clients' ports
+    from connect() are even), all 16 bits for 16."""
+    return 0xFFFF if bits >= 16 else ((1 << bits) - 1) << 1
 
 
 # Chosen by bench/real_tcp.py (docs/hashing.md): 8 client bits and 5 port bits,

@@ -28,6 +28,9 @@ EXT_PREVIOUS = EXT_PREFIX + "previous"  # JSON {"since": t, "vips": {vip: {...}}
 # Per-LB persistence choice (options column) and its window.
 PERSISTENCE_OPTION = "stateless_persistence"   # "hash" | "affinity" | "second-chance" | both
 WINDOW_OPTION = "stateless_second_chance_window"  # seconds, default 240
+# Where the backends' replies leave OVN: through the gateway holding the DGP (OVN's own
+# way) or straight out of the backend's chassis onto the DGP's external network.
+RETURN_OPTION = "stateless_return"              # "gateway" (default) | "direct"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,7 @@ class NbSwitchPort:
     type: str
     addresses: tuple[str, ...]
     options: Mapping[str, str] = field(default_factory=dict)
+    tag_request: object = None        # a localnet port's VLAN (raw; validated on use)
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,29 @@ class TableLayout:
     ls_in_intercept: int   # first switch ingress stage after port security
     ls_in_next: int        # the ingress stage after it
     output: int            # where the logical `output;` action resubmits
+    # Router ingress stage that sends a DGP's traffic to its gateway (lr_in_gw_redirect),
+    # and the stage after it; None when the SB has no such stage.
+    lr_in_gw_redirect: int | None = None
+    lr_in_gw_redirect_next: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalChassis:
+    """What this chassis' own OVS says about its reach onto physical networks."""
+
+    # physical network -> its bridge (Open_vSwitch external_ids:ovn-bridge-mappings)
+    bridges: Mapping[str, str] = field(default_factory=dict)
+    # physical network -> this chassis' own MAC on it (ovn-chassis-mac-mappings), the
+    # source MAC of what it sends there for a router (OVN does the same for distributed
+    # routing on VLAN networks): never the router port's, which the gateway announces.
+    chassis_macs: Mapping[str, str] = field(default_factory=dict)
+    # physical network -> OpenFlow port on br-int of the agent's patch to its bridge
+    uplinks: Mapping[str, int] = field(default_factory=dict)
+
+    def uplink(self, network: str) -> tuple[str, int] | None:
+        """(chassis MAC, br-int port) to send on `network` with, if this chassis can."""
+        mac, port = self.chassis_macs.get(network), self.uplinks.get(network)
+        return (mac, port) if mac is not None and port is not None else None
 
 
 @dataclass(frozen=True)
@@ -133,3 +160,4 @@ class Snapshot:
     sb: SbView
     chassis: str           # this chassis' name (Open_vSwitch external_ids:system-id)
     tables: TableLayout
+    local: LocalChassis = LocalChassis()

@@ -13,6 +13,7 @@ from ipaddress import IPv4Address, IPv6Address
 from statelesslb.nb.model import (
     MODE_MAC,
     MODE_OPTION,
+    LocalChassis,
 )
 from statelesslb.ofstrings import IpAddress, endpoint_text, shared_results
 
@@ -180,3 +181,25 @@ def str_map(value: object) -> dict[str, str] | None:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in items.items()):
         return None
     return items
+
+
+# Names from the local OVS end up as ovs-vsctl arguments: keep them plain.
+_OVS_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
+
+
+def parse_local_chassis(external_ids: Mapping[str, str]) -> LocalChassis:
+    """The local Open_vSwitch row's `ovn-bridge-mappings` ("net:bridge,...") and
+    `ovn-chassis-mac-mappings` ("net:MAC,..."), as ovn-controller reads them; malformed
+    entries are left out (they give a chassis no reach, never a wrong MAC)."""
+    bridges = {}
+    for entry in str(external_ids.get("ovn-bridge-mappings", "")).split(","):
+        network, sep, bridge = (part.strip() for part in entry.partition(":"))
+        if sep and _OVS_NAME.fullmatch(network) and _OVS_NAME.fullmatch(bridge):
+            bridges[network] = bridge
+    macs = {}
+    for entry in str(external_ids.get("ovn-chassis-mac-mappings", "")).split(","):
+        network, sep, mac_text = (part.strip() for part in entry.partition(":"))
+        mac = parse_mac(mac_text)
+        if sep and _OVS_NAME.fullmatch(network) and mac is not None:
+            macs[network] = mac
+    return LocalChassis(bridges, macs)

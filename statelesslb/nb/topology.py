@@ -200,9 +200,27 @@ def _topology_changes(old_nb: NbView, old: TopologyIndex,
         lsps = (changed_keys(old_nb.switch_ports, new_nb.switch_ports)
                 | changed_keys(old.switches_of_lsp, new.switches_of_lsp)
                 | changed_keys(old.macs_of_lsp, new.macs_of_lsp))
+        routers.update(_routers_of_changed_localnets(lsps, (old_nb, old), (new_nb, new)))
         return TopologyChanges(frozenset(routers), frozenset(ips), frozenset(lsps))
     except Exception:    # a fuzzer's view: unhashable or odd values
         return None
+
+
+def _routers_of_changed_localnets(
+    lsps: set, *views: tuple[NbView, TopologyIndex]
+) -> set[str]:
+    """Routers plugged into a switch whose localnet port changed: what direct return
+    reads of a DGP's switch (rare changes; a VIF next to the backends costs nothing)."""
+    routers: set[str] = set()
+    for name in lsps:
+        if not any(isinstance(p := nb.switch_ports.get(name), NbSwitchPort)
+                   and p.type == "localnet" for nb, _ in views):
+            continue
+        for _, index in views:
+            for switch_uuid in index.switches_of_lsp.get(name, []):
+                routers.update(r for r, attached in index.attachments.items()
+                               if switch_uuid in attached)
+    return routers
 
 
 def _router_shape(router: object) -> object:

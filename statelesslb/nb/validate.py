@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from statelesslb.nb.hashing import DEFAULT_HASH, HashClasses, HashOptionError, parse_hash
 from statelesslb.nb.model import (
     PERSISTENCE_OPTION,
+    RETURN_OPTION,
     WINDOW_OPTION,
     NbLoadBalancer,
     NbRouter,
     NbRouterPort,
+    NbSwitch,
     NbSwitchPort,
     NbView,
 )
@@ -99,6 +101,11 @@ class ValidLb:
     # (backend key, weight) of the backends not weighing 1 (options:stateless_weights),
     # sorted: a tuple keeps ValidLb hashable.
     weights: tuple[tuple[str, int], ...] = ()
+    # options:stateless_return=direct: replies leave the backends' chassis onto the
+    # DGPs' external networks (each DGP with the physical networks of its switch's
+    # localnet ports), where a chassis can.
+    direct_return: bool = False
+    dgp_networks: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
 
     def weight(self, backend_key: str) -> int:
         for key, weight in self.weights:
@@ -277,8 +284,58 @@ def _validate(
     except (HashOptionError, WeightOptionError) as exc:
         raise _Invalid(str(exc)) from None
     _check_weights(weights, valid_vips)
+    direct = parse_return(lb.options)
+    dgp_networks: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+    if direct:
+        if affinity:
+            raise _Invalid(f"options:{RETURN_OPTION}=direct does not go with affinity: the "
+                           "gateway's conntrack would see one direction only")
+        dgp_networks = _dgp_networks(nb, index, as_str(router.uuid), dgps)
     return ValidLb(uuid, name, protocol, as_str(router.uuid), router_name, dgps, valid_vips,
-                   affinity, second_chance, window, hash_classes, tuple(sorted(weights.items())))
+                   affinity, second_chance, window, hash_classes, tuple(sorted(weights.items())),
+                   direct, dgp_networks)
+
+
+def parse_return(options: object) -> bool:
+    """True for options:stateless_return=direct; raises _Invalid on a bad value."""
+    opts = options if isinstance(options, Mapping) else {}
+    raw = opts.get(RETURN_OPTION, "gateway")
+    if raw not in ("gateway", "direct"):
+        raise _Invalid(f"options:{RETURN_OPTION}={show(raw)} is not gateway or direct")
+    return raw == "direct"
+
+
+def _dgp_networks(
+    nb: NbView, index: TopologyIndex, router_uuid: str, dgps: tuple[str, ...]
+) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
+    """Each DGP with the (physical network, VLAN or 0) of the localnet ports on its
+    switch."""
+    switches = nb.switches if isinstance(nb.switches, Mapping) else {}
+    switch_ports = nb.switch_ports if isinstance(nb.switch_ports, Mapping) else {}
+    result = []
+    for dgp in dgps:
+        networks: set[tuple[str, int]] = set()
+        for switch_uuid, lrps in index.attachments.get(router_uuid, {}).items():
+            switch = switches.get(switch_uuid)
+            if dgp not in lrps or not isinstance(switch, NbSwitch):
+                continue
+            for lsp_name in str_tuple(switch.ports):
+                port = switch_ports.get(lsp_name)
+                if not isinstance(port, NbSwitchPort) or port.type != "localnet":
+                    continue
+                options = port.options if isinstance(port.options, Mapping) else {}
+                network = options.get("network_name")
+                tag = port.tag_request if port.tag_request is not None else 0
+                if not isinstance(tag, int) or isinstance(tag, bool) or not 0 <= tag <= 4095:
+                    raise _Invalid(f"localnet port {show(lsp_name)} has VLAN {show(tag)}, "
+                                   "not 0..4095")
+                if isinstance(network, str) and network:
+                    networks.add((network, tag))
+        if not networks:
+            raise _Invalid(f"options:{RETURN_OPTION}=direct needs a localnet port with "
+                           f"options:network_name on the switch of gateway port {show(dgp)}")
+        result.append((dgp, tuple(sorted(networks))))
+    return tuple(result)
 
 
 def _weight_key(text: str) -> str:

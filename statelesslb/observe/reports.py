@@ -15,6 +15,7 @@ from statelesslb.nb.model import (
     EXT_STATUS,
     MODE_OPTION,
     PERSISTENCE_OPTION,
+    RETURN_OPTION,
     NbLoadBalancer,
     Snapshot,
 )
@@ -173,6 +174,7 @@ def lb_list_doc(snapshot: Snapshot | None, plan: Plan | None) -> list[dict[str, 
         entry["nb_status"] = lb.external_ids.get(EXT_STATUS) if lb else None
         entry["persistence"] = (lb.options.get(PERSISTENCE_OPTION, DEFAULT_PERSISTENCE)
                                 if lb else None)
+        entry["return"] = lb.options.get(RETURN_OPTION, "gateway") if lb else None
         entry["vips"] = [key for key, _ in vip_backend_keys(lb.vips)] if lb else []
         entries.append(entry)
     return entries

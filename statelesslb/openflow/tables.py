@@ -25,6 +25,7 @@ LOG = logging.getLogger(__name__)
 PORT_SEC_STAGES = ("ls_in_apply_port_sec", "ls_in_port_sec_nd")
 ROUTER_INTERCEPT_STAGE = "lr_in_defrag"
 OUTPUT_STAGE = "ls_in_l2_lkup"
+GW_REDIRECT_STAGE = "lr_in_gw_redirect"
 MAX_PROBES = 200
 
 _TABLE_RE = re.compile(r"\btable=(\d+)")
@@ -144,6 +145,9 @@ def derive_layout(sb: SbQuery, dump_by_cookie: Callable[[int], str]) -> TableLay
             break
     if port_sec_id is None:
         raise LayoutError(f"none of the stages {PORT_SEC_STAGES} found in the SB")
+    # Optional: only direct return (options:stateless_return=direct) uses it.
+    redirect = sb.stage_rows(GW_REDIRECT_STAGE)
+    gw_redirect = ingress_base + redirect[0]["table_id"] if redirect else None
     layout = TableLayout(
         lr_in_intercept=ingress_base + defrag[0]["table_id"],
         ls_out_intercept=egress_base,
@@ -151,6 +155,8 @@ def derive_layout(sb: SbQuery, dump_by_cookie: Callable[[int], str]) -> TableLay
         ls_in_intercept=ingress_base + port_sec_id + 1,
         ls_in_next=ingress_base + port_sec_id + 2,
         output=output_table,
+        lr_in_gw_redirect=gw_redirect,
+        lr_in_gw_redirect_next=None if gw_redirect is None else gw_redirect + 1,
     )
     LOG.debug("OpenFlow table layout: %s", layout)
     return layout

@@ -115,6 +115,68 @@ def plan_backends(
             out.roles.add(ROLE_BACKEND)
             _backend_flows(valid, vip, backend, second_chance, prev_group, tables, config,
                            out)
+        if local and valid.direct_return:
+            _direct_return(valid, vip, snapshot, config, out)
+
+
+def _direct_return(
+    valid: ValidLb, vip: ValidVip, snapshot: Snapshot, config: PlanConfig, out: Candidate
+) -> None:
+    """The VIP's replies, un-DNATed here, leave this chassis for the external network
+    instead of going through the gateway that holds the DGP.
+
+    In the router's gateway-redirect stage, where OVN would send them to the gateway,
+    a packet from VIP:port bound for a DGP can only be a reply our un-DNAT made
+    (ovn-northd un-DNATs native LBs on the gateway). Routing is done by then (next
+    hop's MAC, TTL): it leaves by the agent's patch to the DGP network's bridge
+    (statelesslb.agent.uplinks), with this chassis' MAC as source (the gateway
+    announces the DGP's MAC on that network; seen here too, it would pull the gateway's
+    traffic here), and the localnet port's VLAN. OVN itself keeps the DGP's switch off
+    a hypervisor while the router has no distributed NAT, so its localnet port is not
+    there to use. A next hop not resolved yet (zero MAC) goes to the gateway as before,
+    which resolves it. Without an uplink the replies go through the gateway, and the
+    status says why.
+    """
+    tables, sb = snapshot.tables, snapshot.sb
+    if tables.lr_in_gw_redirect is None or tables.lr_in_gw_redirect_next is None:
+        out.notes.append("replies through the gateway: no gateway-redirect stage found")
+        return
+    router_dp = usable_datapath_key(sb, valid.router_uuid)
+    if router_dp is None:
+        out.pending.append(f"no SB datapath for router {show(valid.router_name)} yet")
+        return
+    l4, ip_prefix = l4_match(valid.protocol, vip.ip)
+    for dgp, networks in valid.dgp_networks:
+        usable = [(n, tag, snapshot.local.uplink(n)) for n, tag in networks]
+        usable = [(n, tag, up) for n, tag, up in usable if up is not None]
+        if not usable:
+            out.notes.append(
+                f"replies to {show(dgp)} through the gateway: no bridge mapping with a "
+                f"chassis MAC (ovn-chassis-mac-mappings) here for "
+                f"{'/'.join(show(n) for n, _ in networks)}")
+            continue
+        binding = usable_binding(sb, dgp)
+        redirect = usable_binding(sb, "cr-" + dgp)
+        if (binding is None or binding.datapath_key != router_dp or redirect is None
+                or redirect.datapath_key != router_dp):
+            out.pending.append(f"no usable SB port binding for gateway port {show(dgp)} yet")
+            continue
+        _network, tag, (chassis_mac, ofport) = usable[0]
+        match = (f"{l4},metadata={hex_int(router_dp)},reg15={hex_int(binding.tunnel_key)},"
+                 f"{ip_prefix}_src={ip_text(vip.ip)},tp_src={dec_int(vip.port, 0xFFFF)}")
+        vlan = (f"push_vlan:0x8100,set_field:{dec_int(0x1000 | tag, 0x1FFF)}->vlan_vid,"
+                if tag else "")
+        out.add_flow(FlowSpec(
+            tables.lr_in_gw_redirect, config.backend_priority, match,
+            f"set_field:{mac_text(chassis_mac)}->eth_src,{vlan}"
+            f"output:{dec_int(ofport, 0xFEFF)}", config.cookie_prefix), vip.key)
+        # OVN's own redirect, for a next hop it has not resolved yet.
+        out.add_flow(FlowSpec(
+            tables.lr_in_gw_redirect, config.backend_priority + 1,
+            f"{match},dl_dst=00:00:00:00:00:00",
+            f"set_field:{hex_int(redirect.tunnel_key)}->reg15,"
+            f"resubmit(,{dec_int(tables.lr_in_gw_redirect_next, MAX_TABLE)})",
+            config.cookie_prefix), vip.key)
 
 
 def _previous_backend(

@@ -43,6 +43,8 @@ class Candidate:
     roles: set[str] = field(default_factory=set)
     vip_keys: set[str] = field(default_factory=set)
     pending: list[str] = field(default_factory=list)
+    # Said in an accepted LB's status: what works differently here, and why.
+    notes: list[str] = field(default_factory=list)
     self_conflict: str | None = None
 
     def add_flow(self, flow: FlowSpec, vip_key: str) -> None:

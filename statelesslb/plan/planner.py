@@ -119,7 +119,7 @@ class IncrementalPlanner:
     merged flow table and group set, and the update names the cookies and groups
     that moved, so the diff against the bridge looks at those alone. A topology
     or SB change plans again the LBs that read what it touched (an invalid LB
-    counts as reading everything); a new chassis name or table layout, or a
+    counts as reading everything); a new chassis name, table layout or reach, or a
     topology change whose reach cannot be told, plans every LB, and any conflict
     between LBs redoes the merge in name order, as plan() does. Every update
     equals plan() of its snapshot; a property test holds it to that.
@@ -216,10 +216,14 @@ class IncrementalPlanner:
                           frozenset(merged.touched_groups), frozenset(replaced))
 
     def _check_context(self, snapshot: Snapshot, topology: TopologyState) -> bool:
-        """Whether every LB must be planned again: new chassis or tables, or a
+        """Whether every LB must be planned again: new chassis, tables or reach, or a
         topology change whose reach cannot be told."""
         unknown_reach = topology.key is None or (topology.changed and topology.changes is None)
-        context: tuple[object, ...] | None = (snapshot.chassis, snapshot.tables)
+        local = snapshot.local
+        context: tuple[object, ...] | None = (
+            snapshot.chassis, snapshot.tables,
+            # The chassis' reach (direct return): as sorted pairs, to hash and compare.
+            tuple(sorted(local.chassis_macs.items())), tuple(sorted(local.uplinks.items())))
         if self._context is not None and same_objects(context, self._context):
             return unknown_reach
         try:
@@ -389,7 +393,7 @@ def _accepted_status(name: str, candidate: Candidate) -> LbPlanStatus:
     return LbPlanStatus(
         name,
         STATE_PENDING if pending else STATE_OK,
-        _summary(pending),
+        _summary(pending or sorted(set(candidate.notes))),
         tuple(sorted(candidate.roles)),
         tuple(sorted(candidate.vip_keys)),
     )
@@ -411,7 +415,7 @@ def _plan_lb(
         return _Part(lb, open_window, ids, None, None, topology_deps=deps)
     reads: set[object] = set()
     recording = Snapshot(snapshot.nb, _recording_sb(snapshot.sb, reads), snapshot.chassis,
-                         snapshot.tables)
+                         snapshot.tables, snapshot.local)
     candidate = Candidate()
     plan_gateway(valid, ids, recording, config, candidate)
     plan_backends(valid, ids, recording, config, candidate)
@@ -495,6 +499,11 @@ def _check_tables(tables: TableLayout, config: PlanConfig) -> None:
         value = getattr(tables, name)
         check_range(f"tables.{name}", value, 0, MAX_TABLE)
         used.add(value)
+    for name in ("lr_in_gw_redirect", "lr_in_gw_redirect_next"):
+        value = getattr(tables, name)
+        if value is not None:
+            check_range(f"tables.{name}", value, 0, MAX_TABLE)
+            used.add(value)
     if config.sentinel_table in used:
         raise ValueError(f"sentinel_table {config.sentinel_table} is an OVN pipeline table")
     clash = used & set(config.private_tables)

@@ -42,6 +42,9 @@ class Chassis:
         # A fixed br-phys MAC survives vswitchd restarts, so peers' neighbor entries do too.
         last = int(encap_ip.rsplit(".", 1)[1])
         self.phys_mac = f"0a:00:c0:a8:00:{last:02x}"
+        # The MAC a hypervisor on the external segment sends with instead of a router
+        # port's (OVN's ovn-chassis-mac-mappings); unique per chassis.
+        self.chassis_mac = f"0a:00:ac:10:ff:{last:02x}"
         self._pcaps: dict[str, str] = {}
         self._underlay_routes: set[str] = set()
 
@@ -74,6 +77,11 @@ class Chassis:
         return self.role == "gateway"
 
     @property
+    def on_external(self) -> bool:
+        """Does this chassis have a br-ext on the external segment?"""
+        return self.is_gateway or self.sandbox.external_hypervisors
+
+    @property
     def pids(self) -> dict[str, int]:
         prefix = f"{self.name}/"
         return {k[len(prefix):]: r.pid for k, r in self.sandbox.processes.items()
@@ -89,7 +97,7 @@ class Chassis:
     def socket_paths(self) -> list[str]:
         names = ["db.sock", "ovsdb-server.ctl", "ovs-vswitchd.ctl", "ovn-controller.4194304.ctl",
                  "br-int.mgmt", "br-int.snoop", "br-phys.mgmt", "br-phys.snoop"]
-        if self.is_gateway:
+        if self.on_external:
             names += ["br-ext.mgmt", "br-ext.snoop"]
         return [f"{self.rundir}/{n}" for n in names]
 
@@ -103,6 +111,7 @@ class Chassis:
             "ovn_controller_ctl": self.ovn_controller_ctl,
             "encap_ip": self.encap_ip,
             "phys_mac": self.phys_mac,
+            "on_external": self.on_external,
             "pids": self.pids,
             "rundir": str(self.rundir),
             "env": self.env,
@@ -232,7 +241,7 @@ class Chassis:
             f"external_ids:ovn-encap-ip={self.encap_ip}",
             "external_ids:ovn-bridge=br-int",
         ]
-        if self.is_gateway:
+        if self.on_external:
             args += [
                 "--", "add-br", "br-ext",
                 "--", "set", "Bridge", "br-ext", "datapath_type=dummy",
@@ -241,8 +250,13 @@ class Chassis:
                 f"options:stream=unix:{sbx.net_dir}/{self.name}-x.sock",
                 "--", "set", "Open_vSwitch", ".",
                 f"external_ids:ovn-bridge-mappings={sbx.physnet}:br-ext",
-                "external_ids:ovn-cms-options=enable-chassis-as-gw",
             ]
+        if self.is_gateway:
+            args += ["--", "set", "Open_vSwitch", ".",
+                     "external_ids:ovn-cms-options=enable-chassis-as-gw"]
+        elif self.on_external:
+            args += ["--", "set", "Open_vSwitch", ".",
+                     f"external_ids:ovn-chassis-mac-mappings={sbx.physnet}:{self.chassis_mac}"]
         return args
 
     def _start(self) -> None:

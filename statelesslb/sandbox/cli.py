@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--clustered", action="store_true",
                     help="run NB and SB each as a 3-member RAFT cluster (one ovsdb-server "
                     "and database file per member); OVN_NB_DB / OVN_SB_DB list every member")
+    up.add_argument("--external-hypervisors", action="store_true",
+                    help="put the hypervisors on the external segment too (a br-ext with "
+                    "the physnet's bridge mapping and a chassis MAC each), as direct "
+                    "return (options:stateless_return=direct) needs")
     up.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
 
     down = sub.add_parser("down", help="stop exactly the processes the sandbox recorded")
@@ -67,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _up(args: argparse.Namespace) -> int:
     sbx = Sandbox(args.dir, gateways=args.gateways, hypervisors=args.hypervisors,
-                  physnet=args.physnet, timeout=args.timeout, clustered=args.clustered)
+                  physnet=args.physnet, timeout=args.timeout, clustered=args.clustered,
+                  external_hypervisors=args.external_hypervisors)
     sbx.up()
     print(f"export OVN_NB_DB={sbx.nb}")
     print(f"export OVN_SB_DB={sbx.sb}")

@@ -78,7 +78,7 @@ class Sandbox:
     def __init__(self, run_dir: Path | str, gateways: int = 2, hypervisors: int = 2,
                  physnet: str = "physnet1", *, client_mac: str = CLIENT_MAC,
                  timeout: float = 60.0, enable_dummy: str = "system",
-                 clustered: bool = False):
+                 clustered: bool = False, external_hypervisors: bool = False):
         if enable_dummy not in ("system", ""):
             raise SandboxError(f"enable_dummy must be 'system' or '', not {enable_dummy!r}")
         if gateways < 0 or hypervisors < 0 or gateways + hypervisors == 0:
@@ -97,6 +97,10 @@ class Sandbox:
         # way the bridges use datapath_type=dummy and the sandbox's own dummy ports say
         # type=dummy explicitly.
         self.enable_dummy = enable_dummy
+        # Hypervisors on the external segment too (a br-ext with the physnet's bridge
+        # mapping and a chassis MAC of their own), as where replies may leave a backend's
+        # chassis directly (options:stateless_return=direct).
+        self.external_hypervisors = external_hypervisors
         # clustered: NB and SB each a 3-member RAFT cluster (statelesslb.sandbox.cluster).
         self.clusters: dict[str, Any] = {}
         if clustered:
@@ -196,7 +200,9 @@ class Sandbox:
                  f"{net}/{UNDERLAY_BRIDGE}.snoop", f"{net}/{EXTERNAL_BRIDGE}.mgmt"]
         for c in self.chassis.values():
             paths += c.socket_paths()
-            paths.append(f"{self.net_dir}/{c.name}{'-x' if c.is_gateway else ''}.sock")
+            paths.append(f"{self.net_dir}/{c.name}.sock")
+            if c.on_external:
+                paths.append(f"{self.net_dir}/{c.name}-x.sock")
         return paths
 
     def check_paths(self) -> None:
@@ -333,8 +339,9 @@ class Sandbox:
         if not self.gateway_chassis:
             return
         self.net_appctl("fdb/flush", EXTERNAL_BRIDGE)
-        for gw in self.gateway_chassis:
-            gw.appctl("fdb/flush", "br-ext")
+        for c in self.chassis.values():
+            if c.on_external:
+                c.appctl("fdb/flush", "br-ext")
 
     # external client
     def client_inject(self, packet: Any) -> None:
@@ -489,6 +496,7 @@ class Sandbox:
             "processes": {n: asdict(r) for n, r in self.processes.items()},
             "agents": self.agents,
             "enable_dummy": self.enable_dummy,
+            "external_hypervisors": self.external_hypervisors,
             "netns": self.netns,
             "clusters": {db: c.manifest() for db, c in self.clusters.items()},
             "timings": self.timings,
@@ -524,7 +532,8 @@ class Sandbox:
         sbx = cls(doc["run_dir"], doc["gateways"], doc["hypervisors"], doc["physnet"],
                   client_mac=doc["external"]["client"]["mac"],
                   enable_dummy=doc.get("enable_dummy", "system"),
-                  clustered=bool(doc.get("clusters")))
+                  clustered=bool(doc.get("clusters")),
+                  external_hypervisors=bool(doc.get("external_hypervisors")))
         for db, cluster in sbx.clusters.items():
             for member, rec in zip(cluster.members, doc["clusters"][db]["members"],
                                    strict=True):
@@ -641,7 +650,7 @@ class Sandbox:
                 f"options:tx_pcap={self.client_pcap}"]
         for c in self.chassis.values():
             ports = [(UNDERLAY_BRIDGE, c.name)]
-            if c.is_gateway:
+            if c.on_external:
                 ports.append((EXTERNAL_BRIDGE, f"{c.name}-x"))
             for bridge, port in ports:
                 args += ["--", "add-port", bridge, port,

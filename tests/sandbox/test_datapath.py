@@ -223,7 +223,7 @@ def test_hash_classes_bound_the_gateways_datapath_flows(sandbox, topo, lb1):
     assert 1 <= len(bounded) <= 16, "\n".join(bounded)
     # Each bounded flow leaves all but the hashed source-port bits wildcarded.
     for line in bounded:
-        assert re.search(r"tcp\(src=\d+/0x3,dst=80\)", line), line
+        assert re.search(r"tcp\(src=\d+/0x6,dst=80\)", line), line
     for n in range(len(lbs)):
         sandbox.nbctl("lb-del", f"lbh{n}")
     wait_until(lambda: not any(vip in f for vip in lbs for c in sandbox.chassis.values()

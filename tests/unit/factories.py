@@ -20,6 +20,7 @@ from statelesslb.nb.model import (
     MODE_MAC,
     MODE_OPTION,
     PERSISTENCE_OPTION,
+    LocalChassis,
     NbLoadBalancer,
     NbRouter,
     NbRouterPort,
@@ -112,6 +113,18 @@ class Topo:
         self.switches[uuid] = dataclasses.replace(current, ports=current.ports + (port.name,))
         self._bind(port.name, uuid, chassis)
 
+    def add_external(self, switch: str, datapath_key: int, dgp: str,
+                     network: str | None = "physnet1") -> None:
+        """The DGP's switch, with a localnet port on `network` (none if None)."""
+        self.add_switch(switch, datapath_key, router=None)
+        self._add_switch_port(switch, NbSwitchPort(
+            f"uuid-lsp-{switch}-{dgp}", f"{switch}-{dgp}", "router", ("router",),
+            {"router-port": dgp}), chassis=None)
+        if network is not None:
+            self._add_switch_port(switch, NbSwitchPort(
+                f"uuid-lsp-ln-{switch}", f"ln-{switch}", "localnet", ("unknown",),
+                {"network_name": network}), chassis=None)
+
     def add_vif(self, switch: str, name: str, mac: str, ips: str,
                 chassis: str | None = "hv1", *extra_addresses: str,
                 port_type: str = "") -> None:
@@ -152,8 +165,9 @@ class Topo:
     def sb(self) -> SbView:
         return SbView(dict(self.datapath_keys), dict(self.port_bindings))
 
-    def snapshot(self, chassis: str) -> Snapshot:
-        return Snapshot(self.nb(), self.sb(), chassis, TABLES)
+    def snapshot(self, chassis: str, tables: TableLayout = TABLES,
+                 local: LocalChassis | None = None) -> Snapshot:
+        return Snapshot(self.nb(), self.sb(), chassis, tables, local or LocalChassis())
 
     def write(self, changes: dict[str, dict[str, str | None]]) -> None:
         """Write reconcile_nb's result into the LB rows, as the NB writer does."""

@@ -816,7 +816,8 @@ def test_status_reply_reports_problems_of_a_starting_agent() -> None:
 
 def test_every_json_field_is_documented() -> None:
     text = OPERATION_MD.read_text()
-    lb_list = {"uuid", "name", "mode", "protocol", "persistence", "vips", "nb_status",
+    lb_list = {"uuid", "name", "mode", "protocol", "persistence", "return", "vips",
+               "nb_status",
                "state", "message", "roles", "vip_keys"}
     fields = (set(status_reply()) | lb_list | LB_SHOW_KEYS | VIP_KEYS | BACKEND_KEYS
               | GROUP_KEYS | BUCKET_KEYS | TRACE_KEYS

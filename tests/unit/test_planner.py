@@ -29,7 +29,7 @@ STRICT_LINE = re.compile(r"^[a-z_ ]+ [A-Za-z0-9_=,.:()\[\]/>+\-]*\Z")
 GROUP_BASE = PlanConfig().group_id_base
 # Per TCP backend without second chance: DNAT, reply, and 6 flows of the ownership record.
 BACKEND_FLOWS = 8
-DEFAULT_FIELDS_V4_TCP = "fields(ip_src=0.0.0.255,ip_dst,nw_proto,tcp_src=31,tcp_dst)"
+DEFAULT_FIELDS_V4_TCP = "fields(ip_src=0.0.0.255,ip_dst,nw_proto,tcp_src=62,tcp_dst)"
 
 
 def lines_of(result: Plan) -> list[str]:
@@ -88,7 +88,7 @@ def test_gateway_chassis_gets_the_vip_flow_and_group(topo):
     }
     assert group.add_lines() == [
         "group add group_id=1879048193,type=select,selection_method=hash,"
-        "fields(ip_src=0.0.0.255,ip_dst,nw_proto,tcp_src=31,tcp_dst),"
+        "fields(ip_src=0.0.0.255,ip_dst,nw_proto,tcp_src=62,tcp_dst),"
         "bucket=bucket_id:1,weight:100,actions=set_field:00:00:00:00:ff:02->eth_src,"
         "set_field:50:54:00:00:00:01->eth_dst,dec_ttl,set_field:0x2->reg15,resubmit(,37),"
         "bucket=bucket_id:2,weight:100,actions=set_field:00:00:00:00:ff:02->eth_src,"

@@ -1,0 +1,95 @@
+"""Direct return with real TCP stacks: the client and the VMs are Linux namespaces (the
+netns mode, docs/real-tcp.md) and the hypervisors are on the external segment, so a
+stateless VIP's replies leave the backend's chassis while the client's packets still come
+through the gateway. TCP does not mind the two paths: curl and long-lived echo sessions
+work, through a backend change under second chance too, and the gateway forwards none of
+the replies (its counters say so; the hypervisors' uplink ports carry them).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+
+import pytest
+
+from statelesslb.sandbox import agents
+from statelesslb.sandbox import netns as N
+from statelesslb.sandbox.core import Sandbox
+from statelesslb.sandbox.topology import Topology
+from statelesslb.sandbox.traffic import set_backends, wait_lb_ready
+
+SANDBOX_KWARGS = {"gateways": 2, "hypervisors": 2, "enable_dummy": "",
+                  "external_hypervisors": True}
+IPS = ["10.0.0.11", "10.0.0.12", "10.0.0.13"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _netns_required(require) -> None:
+    ok, why = N.netns_available()
+    require(ok, f"netns mode unavailable: {why}")
+    require(shutil.which("curl") is not None, "curl not installed (scripts/setup installs it)")
+
+
+@pytest.fixture(scope="module")
+def real(sandbox: Sandbox) -> tuple[Topology, N.NetnsLab]:
+    topo, lab = N.build_real_topology(sandbox, vms=len(IPS))
+    agents.start_agents(sandbox, debug=False)
+    agents.wait_agents_ready(sandbox)
+    lab.start_http_servers()
+    lab.start_echo_servers()
+    return topo, lab
+
+
+def _direct_lb(sb: Sandbox, topo: Topology, name: str, vip: str, backends: list[str],
+               persistence: str = "second-chance") -> None:
+    sb.nbctl("lb-add", name, vip, ",".join(backends), "tcp",
+             "--", "set", "load_balancer", name, "options:stateless_mode=mac",
+             f"options:stateless_persistence={persistence}", "options:stateless_return=direct")
+    sb.nbctl("lr-lb-add", topo.router, name)
+    wait_lb_ready(sb, name, vip, len(backends), topo=topo)
+
+
+def _sent_to_external(chassis) -> int:
+    """Packets `chassis` sent onto the external segment (its br-ext uplink, a dummy port:
+    live counters, unlike a patch port's, which the revalidators update later)."""
+    out = chassis.ofctl("dump-ports", "ext-net", bridge="br-ext")
+    match = re.search(r"tx pkts=(\d+)", out)
+    assert match, out
+    return int(match.group(1))
+
+
+def _hypervisors_sent(sb: Sandbox) -> int:
+    return sum(_sent_to_external(hv) for hv in sb.hypervisor_chassis)
+
+
+def test_curl_and_echo_sessions_through_direct_return(sandbox, real):
+    topo, lab = real
+    vip = "172.16.0.130"
+    _direct_lb(sandbox, topo, "direct", f"{vip}:80", [f"{ip}:8080" for ip in IPS[:2]])
+    _direct_lb(sandbox, topo, "direct-echo", f"{vip}:7", [f"{ip}:7007" for ip in IPS[:2]])
+    gw1 = sandbox.chassis["gw1"]
+    hv0, gw0 = _hypervisors_sent(sandbox), _sent_to_external(gw1)
+    served = set()
+    for sport in range(45500, 45516):
+        rc, body = lab.curl(f"http://{vip}/who", local_port=sport)
+        assert rc == 0, f"curl from port {sport} failed with exit code {rc}"
+        served.add(body.strip())
+    assert served == {"vm1", "vm2"}
+    hv1, gw_1 = _hypervisors_sent(sandbox), _sent_to_external(gw1)
+    # 16 connections: their replies (SYN-ACK, response, FIN, ACKs) left the hypervisors...
+    assert hv1 - hv0 >= 16 * 3, (hv0, hv1)
+    # ...and the gateway sent none of them to the client (a GARP at most).
+    assert gw_1 - gw0 < 16, (gw0, gw_1)
+
+    # Long-lived sessions across a backend change (second chance), replies direct.
+    run = lab.echo_client("de", vip, 7, range(46500, 46516), duration=60, timeout=4.0)
+    before = run.wait_established()
+    assert all(not c["error"] for c in before.values()), before
+    set_backends(sandbox, topo, "direct-echo", f"{vip}:7", [f"{ip}:7007" for ip in IPS])
+    time.sleep(2.5)
+    after = run.finish()
+    failed = {s: c["error"] for s, c in after.items() if c["error"]}
+    assert failed == {}
+    assert all(after[s]["ok"] > before[s]["ok"] for s in after), "a session stalled"
