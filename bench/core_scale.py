@@ -118,11 +118,83 @@ def measure(n: int, changes: int) -> tuple[float, float, float, float]:
             statistics.median(moves), statistics.median(ports))
 
 
+def first_install(n: int, chassis: str, memory: bool) -> tuple[float, float | None]:
+    """A first install in the core, as the agent meets it in bench/scale.py: the LBs
+    arrive attached and marked, 230 per NB transaction (ovn-nbctl's batches there); per
+    batch the NB writer's pass, its write coming back (a second pass), planning and the
+    diff. Returns (seconds, MiB the writer's and planner's state hold at the end, with
+    `memory`)."""
+    import gc
+    import tracemalloc
+
+    topo, _ = build(n)
+    every = dict(topo.load_balancers)
+    router = topo.routers[topo.router_uuid("lr0")]
+    sb = topo.sb()
+    gc.collect()
+    if memory:
+        tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0] if memory else 0
+    validation = ValidationMemo()
+    reconciler = NbReconciler(validation)
+    planner = IncrementalPlanner(PlanConfig(), validation)
+    empty = dataclasses.replace(topo.nb(), load_balancers={},
+                                routers={**topo.routers, router.uuid: dataclasses.replace(
+                                    router, load_balancers=())})
+    installed = diff.state_after(planner.update(Snapshot(empty, sb, chassis, TABLES),
+                                                1000.0).plan)
+    names = list(every)
+    shown: dict = {}
+    started = time.perf_counter()
+    for start in range(0, n, 230):
+        batch = names[start:start + 230]
+        shown.update((u, every[u]) for u in batch)
+        topo.routers[router.uuid] = dataclasses.replace(router, load_balancers=tuple(shown))
+        topo.load_balancers = dict(shown)
+        nb = topo.nb()
+        delta = reconciler.reconcile(nb, 1000.0, frozenset(batch))
+        topo.write(delta)
+        shown.update((u, topo.load_balancers[u]) for u in delta)
+        nb = dataclasses.replace(nb, load_balancers=dict(shown))
+        reconciler.reconcile(nb, 1000.0, frozenset(delta))
+        update = planner.update(Snapshot(nb, sb, chassis, TABLES), 1000.0,
+                                frozenset(batch) | frozenset(delta))
+        diff.diff_lines(update.plan, installed, update.flows, update.groups)
+        diff.record(update.plan, installed, update.flows, update.groups)
+    took = time.perf_counter() - started
+    held = None
+    if memory:
+        del topo, every, shown, nb, update
+        gc.collect()
+        held = (tracemalloc.get_traced_memory()[0] - base) / 2**20
+        tracemalloc.stop()
+    assert planner is not None and reconciler is not None and installed is not None
+    return took, held
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10,100,1000,5000")
     ap.add_argument("--changes", type=int, default=21)
+    ap.add_argument("--install", action="store_true",
+                    help="time a first install in batches instead (gw1 and hv1), and "
+                         "with --memory what the writer and planner hold after it")
+    ap.add_argument("--memory", action="store_true")
     args = ap.parse_args()
+    if args.install:
+        print(f"{'LBs':>6} {'gw1 s':>7} {'hv1 s':>7}" + (
+            f" {'gw1 MiB':>8} {'hv1 MiB':>8}" if args.memory else ""))
+        for n in (int(x) for x in args.sizes.split(",")):
+            (gw_s, gw_mib), (hv_s, hv_mib) = (first_install(n, c, args.memory)
+                                              for c in ("gw1", "hv1"))
+            print(f"{n:>6} {gw_s:>7.2f} {hv_s:>7.2f}" + (
+                f" {gw_mib:>8.1f} {hv_mib:>8.1f}" if args.memory else ""), flush=True)
+        print("\nfirst install in the core: N LBs of 16 backends arriving 230 per NB "
+              "transaction; per batch the NB writer's pass, its write coming back, "
+              "planning and the diff, on the gateway gw1 and on hv1 (all 16 backends "
+              "bound there); MiB: what the writer, the planner and the installed record "
+              "hold afterwards (tracemalloc, which slows the timing: time without it)")
+        return
     print(f"{'LBs':>6} {'incremental ms':>15} {'from scratch ms':>16} {'ratio':>7} | "
           f"{'other VM moved ms':>18} {'port added ms':>14}")
     for n in (int(x) for x in args.sizes.split(",")):

@@ -17,6 +17,7 @@ from statelesslb.agent.watchers import Watcher
 from statelesslb.nb import bucket_ids
 from statelesslb.nb.acks import DEFAULT_ACK_TIMEOUT
 from statelesslb.nb.model import EXT_ACTIVE, EXT_PREVIOUS, NbView, SbView
+from statelesslb.nb.topology import TopologyCache
 from statelesslb.nb.validate import ValidationMemo
 
 LOG = logging.getLogger(__name__)
@@ -26,9 +27,10 @@ LOG_EACH_MAX = 50
 
 class NbWriter:
     def __init__(self, watcher: Watcher, validation: ValidationMemo | None = None,
-                 ack_timeout: float = DEFAULT_ACK_TIMEOUT):
+                 ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+                 topology: TopologyCache | None = None):
         self.watcher = watcher
-        self.reconciler = bucket_ids.NbReconciler(validation, ack_timeout)
+        self.reconciler = bucket_ids.NbReconciler(validation, ack_timeout, topology)
         self.writes = 0
         self.last_error: str | None = None
 
@@ -52,6 +54,7 @@ class NbWriter:
         api_idl = self.watcher.idl
         from ovs.db import idl as ovs_idl
 
+        level = logging.INFO if len(changes) <= LOG_EACH_MAX else logging.DEBUG
         with self.watcher.connection.lock:
             txn = ovs_idl.Transaction(api_idl)
             rows = api_idl.tables["Load_Balancer"].rows
@@ -72,8 +75,8 @@ class NbWriter:
                                 "break", lb.name, ", ".join(late))
                 # One line per LB at INFO for a few; a batch of thousands is summed up
                 # below (10,000 lines cost the agent seconds, docs/scale.md).
-                LOG.log(logging.INFO if len(changes) <= LOG_EACH_MAX else logging.DEBUG,
-                        "LB %s: %s", lb.name, _describe(delta))
+                if LOG.isEnabledFor(level):   # _describe costs, even when not logged
+                    LOG.log(level, "LB %s: %s", lb.name, _describe(delta))
                 LOG.debug("LB %s: full values %s", lb.name, delta)
             status = txn.commit_block()
         if status not in (ovs_idl.Transaction.SUCCESS, ovs_idl.Transaction.UNCHANGED):

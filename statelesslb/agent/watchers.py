@@ -65,6 +65,8 @@ class Changes:
     """Rows the IDL reported changed since the last take_changes()."""
 
     rows: dict[str, set[uuid_lib.UUID]] = field(default_factory=dict)   # table -> uuids
+    # Row -> the columns its updates changed (None: created, deleted, or not known).
+    columns: dict[uuid_lib.UUID, set[str] | None] = field(default_factory=dict)
     everything: bool = True    # reconnected (or never read): re-read every row
     first_at: float | None = None   # time.monotonic() of the first notice among them
 
@@ -89,7 +91,18 @@ class WatchedIdl(connection.OvsdbIdl):
     def notify(self, event, row, updates=None):
         # Runs inside Idl.run(), under the connection lock: a reader holding the lock
         # sees rows and marks agree. The callback only wakes the agent.
-        self.changes.rows.setdefault(row._table.name, set()).add(row.uuid)
+        changes = self.changes
+        changes.rows.setdefault(row._table.name, set()).add(row.uuid)
+        # Which columns changed: an update carries the old values of those alone.
+        old = getattr(updates, "_data", None) if event == ovs_idl.ROW_UPDATE else None
+        if not isinstance(old, dict):
+            changes.columns[row.uuid] = None
+        elif row.uuid not in changes.columns:
+            changes.columns[row.uuid] = set(old)
+        else:
+            known = changes.columns[row.uuid]
+            if known is not None:
+                known.update(old)
         if self.changes.first_at is None:
             self.changes.first_at = time.monotonic()
         self._on_change(self.source, False)
@@ -233,7 +246,8 @@ def read_local_ovs(watcher: Watcher) -> dict[str, str]:
         return dict(rows[0].external_ids) if rows else {}
 
 
-def _load_balancer(row) -> model.NbLoadBalancer:
+def lb_model(row) -> model.NbLoadBalancer:
+    """A Load_Balancer row as the model (call with the connection lock held)."""
     return model.NbLoadBalancer(
         uuid=str(row.uuid),
         name=row.name,
@@ -321,17 +335,27 @@ class NbReader:
             touched = changes.rows.get("Load_Balancer", set())
             changed: frozenset[str] | None
             if changes.everything or everything:
-                lbs = {str(row.uuid): _load_balancer(row) for row in lb_rows.values()}
+                lbs = {str(row.uuid): lb_model(row) for row in lb_rows.values()}
                 if not changes.everything:
                     self._check_lbs(lbs, {str(u) for u in touched})
                 self._lbs, changed = lbs, None
             else:
                 for row_uuid in touched:
                     row = lb_rows.get(row_uuid)
+                    key = str(row_uuid)
                     if row is None:
-                        self._lbs.pop(str(row_uuid), None)
+                        self._lbs.pop(key, None)
+                        continue
+                    old = self._lbs.get(key)
+                    columns = changes.columns.get(row_uuid)
+                    if old is not None and columns is not None and columns <= {"external_ids"}:
+                        # Only its external_ids (the NB writer's own update, typically):
+                        # the other columns are converted already.
+                        self._lbs[key] = model.NbLoadBalancer(
+                            old.uuid, old.name, old.protocol, old.vips, old.options,
+                            dict(row.external_ids), old.ip_port_mappings)
                     else:
-                        self._lbs[str(row_uuid)] = _load_balancer(row)
+                        self._lbs[key] = lb_model(row)
                 changed = frozenset(str(u) for u in touched)
             topology_touched = not NB_TOPOLOGY_TABLES.isdisjoint(changes.rows)
             if changes.everything or everything or topology_touched or self._topology is None:

@@ -44,7 +44,16 @@ from statelesslb.nb.stored import (
     parse_previous,
     stored_ids,
 )
-from statelesslb.nb.topology import Dependents, TopologyCache, TopologyIndex, index_topology
+from statelesslb.nb.topology import (
+    Dependents,
+    OneOrMore,
+    TopologyCache,
+    TopologyIndex,
+    add_member,
+    index_topology,
+    members,
+    remove_member,
+)
 from statelesslb.nb.validate import LbError, ValidationMemo, ValidLb, topology_deps
 from statelesslb.ofstrings import is_plain_int
 
@@ -153,6 +162,99 @@ def _claim_vip_ids(lbs: list[NbLoadBalancer]) -> _ClaimedVipIds:
                     f"VIP id {vip_id} of {key} re-allocated: also used by {where}")
         kept[lb.uuid] = mine
     return _ClaimedVipIds(kept, notes, in_use)
+
+
+class _ClaimIndex:
+    """_claim_vip_ids(every LB) kept LB by LB: a change to a few LBs re-claims only the
+    LBs that list one of the ids those LBs listed before or list now.
+
+    An id goes to the first marked LB in (name, uuid) order that lists it, as in
+    _claim_vip_ids; `kept`, `notes` and `in_use` are the same as its result.
+    """
+
+    def __init__(self) -> None:
+        self.kept: dict[str, dict[str, int]] = {}
+        self.notes: dict[str, list[str]] = {}
+        self.in_use: set[int] = set()
+        # uuid -> (order, marked, its usable stored ids, its name); the LBs listing each id.
+        self._entries: dict[str, tuple[tuple[str, str], bool, Mapping[str, int], object]] = {}
+        self._holders: dict[int, OneOrMore] = {}
+
+    def claims(self) -> _ClaimedVipIds:
+        return _ClaimedVipIds(self.kept, self.notes, self.in_use)
+
+    def update(self, lbs: Mapping[str, NbLoadBalancer], uuids: Iterable[str]) -> set[str]:
+        """Take in the LBs `uuids` as they are in `lbs` now (absent: gone); returns the
+        marked LBs whose kept ids or notes changed. Raises ValueError for an LB whose
+        uuid is not its key (a fuzzer's): the caller claims from scratch then."""
+        touched_ids: set[int] = set()
+        uuids = set(uuids)
+        for uuid in uuids:
+            old = self._entries.pop(uuid, None)
+            if old is not None:
+                for vip_id in old[2].values():
+                    left = remove_member(self._holders[vip_id], uuid)
+                    if left is None:
+                        del self._holders[vip_id]
+                        self.in_use.discard(vip_id)
+                    else:
+                        self._holders[vip_id] = left
+                    touched_ids.add(vip_id)
+            lb = lbs.get(uuid)
+            if lb is None:
+                continue
+            if getattr(lb, "uuid", None) != uuid:
+                raise ValueError("LB keyed by another uuid")
+            ids = _stored_vip_ids(_external_ids(lb).get(EXT_VIP_IDS))
+            self._entries[uuid] = (_lb_order(lb), is_marked(lb), ids, getattr(lb, "name", ""))
+            for vip_id in ids.values():
+                holders = self._holders.get(vip_id)
+                self._holders[vip_id] = uuid if holders is None else add_member(holders, uuid)
+                self.in_use.add(vip_id)
+                touched_ids.add(vip_id)
+        affected = set(uuids)
+        for vip_id in touched_ids:
+            holders = self._holders.get(vip_id)
+            if holders is not None:
+                affected.update(members(holders))
+        moved = set()
+        for uuid in affected:
+            before = (self.kept.get(uuid), self.notes.get(uuid))
+            self._claim(uuid)
+            if (self.kept.get(uuid), self.notes.get(uuid)) != before:
+                moved.add(uuid)
+        return moved
+
+    def _claim(self, uuid: str) -> None:
+        self.kept.pop(uuid, None)
+        self.notes.pop(uuid, None)
+        entry = self._entries.get(uuid)
+        if entry is None or not entry[1]:
+            return
+        ids = entry[2]
+        mine: dict[str, int] = {}
+        for key in sorted(ids):
+            vip_id = ids[key]
+            owner = self._owner(vip_id)
+            if owner == uuid and vip_id not in mine.values():
+                mine[key] = vip_id
+                continue
+            where = "this load balancer" if owner == uuid else (
+                f"load balancer {show(self._name(owner))}")
+            self.notes.setdefault(uuid, []).append(
+                f"VIP id {vip_id} of {key} re-allocated: also used by {where}")
+        self.kept[uuid] = mine
+
+    def _owner(self, vip_id: int) -> str:
+        """The first marked LB in (name, uuid) order listing `vip_id`."""
+        holders = self._holders[vip_id]
+        if not isinstance(holders, set):
+            return holders
+        marked = [u for u in holders if self._entries[u][1]]
+        return min(marked, key=lambda u: self._entries[u][0])
+
+    def _name(self, uuid: str) -> object:
+        return self._entries[uuid][3]
 
 
 def _stored_vip_ids(text: object) -> Mapping[str, int]:
@@ -414,12 +516,15 @@ class NbReconciler:
     """
 
     def __init__(self, validation: ValidationMemo | None = None,
-                 ack_timeout: float = DEFAULT_ACK_TIMEOUT) -> None:
-        self._topology = TopologyCache()
+                 ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+                 topology: TopologyCache | None = None) -> None:
+        # The agent shares one with its planner: one topology index, built once.
+        self._topology = topology or TopologyCache()
         # The agent shares one memo with its planner: a topology change validates once.
         self._validation = validation or ValidationMemo()
         self.ack_timeout = ack_timeout
         self._claims: _ClaimedVipIds | None = None
+        self._claim_index: _ClaimIndex | None = None
         self._claim_keys: dict[str, object] = {}
         self._unwritten: set[str] = set()       # last result non-empty
         self._due: dict[str, float] = {}        # uuid -> its result may change then
@@ -434,6 +539,42 @@ class NbReconciler:
         """Unix time at which some LB's result may change by time alone."""
         return min(self._due.values(), default=None)
 
+    def _claims_for(self, lbs: Mapping[str, NbLoadBalancer], changed: Set[str] | None,
+                    todo: set[str]) -> _ClaimedVipIds:
+        """The VIP-id claims of `lbs`; LBs whose claims moved are added to `todo`.
+        `changed`: the LBs changed since the last call (None: claim from scratch)."""
+        old = self._claims
+        if changed is not None and old is not None:
+            moved = [u for u in changed
+                     if _claim_key(lbs.get(u)) != self._claim_keys.get(u)]
+            if not moved:
+                return old
+            if self._claim_index is not None:
+                try:
+                    todo.update(u for u in self._claim_index.update(lbs, moved) if u in lbs)
+                except ValueError:
+                    pass    # a fuzzer's LB keyed by another uuid: from scratch below
+                else:
+                    for u in moved:
+                        key = _claim_key(lbs.get(u))
+                        if key is None:
+                            self._claim_keys.pop(u, None)
+                        else:
+                            self._claim_keys[u] = key
+                    return old
+        self._claim_keys = {u: _claim_key(lb) for u, lb in lbs.items()}
+        index: _ClaimIndex | None = _ClaimIndex()
+        try:
+            index.update(lbs, lbs.keys())
+            claims = index.claims()
+        except ValueError:
+            index, claims = None, _claim_vip_ids(list(lbs.values()))
+        if changed is not None and old is not None:
+            todo.update(u for u in lbs if old.kept.get(u) != claims.kept.get(u)
+                        or old.notes.get(u) != claims.notes.get(u))
+        self._claim_index, self._claims = index, claims
+        return claims
+
     def reconcile(
         self, nb: NbView, now: float, changed: Set[str] | None = None,
         sb: SbView | None = None, installed: Mapping[str, str] | None = None,
@@ -441,7 +582,7 @@ class NbReconciler:
         """reconcile_nb(all LBs of nb, nb, now, sb, installed, self.ack_timeout);
         `changed`: LB uuids changed since the last call (None: unknown)."""
         lbs = nb.load_balancers
-        topology = self._topology.get(nb)
+        topology = self._topology.get(nb, self)
         index = topology.index
         validation = self._validation.scope(nb, topology.key)
         full = (changed is None or self._claims is None
@@ -452,16 +593,7 @@ class NbReconciler:
             # The LBs whose validation read what the change touched.
             todo.update(u for u in self._topology_readers.of(topology.changes.keys())
                         if u in lbs)
-        claims = self._claims
-        if full or any(_claim_key(lbs.get(u)) != self._claim_keys.get(u) for u in changed):
-            claims = _claim_vip_ids(list(lbs.values()))
-            if self._claims is not None and not full:
-                old = self._claims
-                todo.update(u for u in lbs if old.kept.get(u) != claims.kept.get(u)
-                            or old.notes.get(u) != claims.notes.get(u))
-            self._claims = claims
-            self._claim_keys = {u: _claim_key(lb) for u, lb in lbs.items()}
-        assert claims is not None
+        claims = self._claims_for(lbs, None if full else changed, todo)
         todo.update(u for u in self._unwritten if u in lbs)
         todo.update(u for u, due in self._due.items() if due <= now and u in lbs)
         if not (_same(sb, self._sb) and _same(installed, self._installed)):

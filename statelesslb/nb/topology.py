@@ -69,31 +69,110 @@ class TopologyCache:
     `moved`, so adding one LB does not re-plan the others. A topology change says
     what it touched (`changes`); with topology_deps() the callers find the LBs
     whose validation may differ.
+
+    One cache may serve several readers (the agent's NB writer and planner share
+    one: one index in memory, built once per change): each passes a `reader` of its
+    own and is told what changed since its own last call.
     """
+
+    # How many topology versions back a reader may be told what changed (further
+    # back: "changed, reach unknown", which re-validates every LB).
+    HISTORY = 8
 
     def __init__(self) -> None:
         self._source: tuple[object, ...] = ()
         self._key: object = None
         self._index: TopologyIndex | None = None
         self._nb: NbView | None = None
-        self._routers_of: dict[str, tuple[str, ...]] = {}
+        self._router_lbs: dict[object, tuple[str, ...]] | None = None
+        self._version = 0
+        # Per version since the previous one: (changed, moved, changes).
+        self._history: dict[int, tuple[bool, frozenset[str], TopologyChanges | None]] = {}
+        self._seen: dict[object, int] = {}      # reader -> the version it saw last
 
-    def get(self, nb: NbView) -> TopologyState:
+    def latest(self) -> tuple[NbView, object, TopologyIndex] | None:
+        """(the view indexed last, its topology key, its index), if any."""
+        if self._nb is None or self._index is None:
+            return None
+        return self._nb, self._key, self._index
+
+    def get(self, nb: NbView, reader: object = None) -> TopologyState:
         source = (nb.routers, nb.router_ports, nb.switches, nb.switch_ports)
-        if self._index is not None and same_objects(source, self._source):
+        if self._index is None or not same_objects(source, self._source):
+            self._advance(nb, source)
+        assert self._index is not None
+        seen = self._seen.get(reader)
+        self._seen[reader] = self._version
+        if seen == self._version:
             return TopologyState(self._key, self._index, False, frozenset())
+        steps = [] if seen is None else [
+            self._history.get(v) for v in range(self._version, seen, -1)]
+        if not steps or any(step is None for step in steps):
+            # A new reader, or one too far behind: everything may differ.
+            return TopologyState(self._key, self._index, True, frozenset(), None)
+        changed = any(step[0] for step in steps)
+        moved = frozenset().union(*(step[1] for step in steps))
+        changes = None
+        if changed and self._key is not None:
+            changes = _union_changes([step[2] for step in steps if step[0]])
+        return TopologyState(self._key, self._index, changed, moved, changes)
+
+    def _advance(self, nb: NbView, source: tuple[object, ...]) -> None:
         key = safe_topology_key(nb)
         changed = key is None or key != self._key or self._index is None
         index = index_topology(nb)
-        routers_of = {lb: routers_of_lb(index, lb) for lb in index.routers_by_lb}
-        moved = frozenset(u for u in routers_of.keys() | self._routers_of.keys()
-                          if routers_of.get(u) != self._routers_of.get(u))
+        old_nb, old_index = self._nb, self._index
         changes = None
-        if changed and key is not None and self._nb is not None and self._index is not None:
-            changes = _topology_changes(self._nb, self._index, nb, index)
-        self._source, self._key, self._index, self._routers_of = source, key, index, routers_of
-        self._nb = nb
-        return TopologyState(key, index, changed, moved, changes)
+        if changed and key is not None and old_nb is not None and old_index is not None:
+            changes = _topology_changes(old_nb, old_index, nb, index)
+        router_lbs = _router_lbs(nb)
+        moved = _moved_lbs(self._router_lbs, router_lbs) if old_nb is not None else None
+        self._source, self._key, self._index, self._nb = source, key, index, nb
+        self._router_lbs = router_lbs
+        self._version += 1
+        if moved is None:
+            self._history.clear()   # no previous view: every reader starts afresh
+        else:
+            self._history[self._version] = (changed, moved, changes)
+            self._history.pop(self._version - self.HISTORY, None)
+
+
+def _moved_lbs(before: dict[object, tuple[str, ...]] | None,
+               after: dict[object, tuple[str, ...]] | None) -> frozenset[str] | None:
+    """LBs attached to or detached from a router between two views (None: cannot tell):
+    those in one router's list before or after but not both. Not a pass over every LB:
+    only the routers whose lists differ (a C-speed tuple comparison for the others)."""
+    if before is None or after is None:
+        return None
+    moved: set[str] = set()
+    for router in before.keys() | after.keys():
+        a, b = before.get(router, ()), after.get(router, ())
+        if a != b:
+            moved.update(set(a).symmetric_difference(b))
+    return frozenset(moved)
+
+
+def _router_lbs(nb: NbView) -> dict[object, tuple[str, ...]] | None:
+    """(Router key, uuid) -> the LBs it holds, as index_topology reads them (None: a
+    fuzzer's odd view)."""
+    try:
+        if not isinstance(nb.routers, Mapping):
+            return {}
+        return {(k, as_str(r.uuid)): str_tuple(r.load_balancers)
+                for k, r in nb.routers.items() if isinstance(r, NbRouter)}
+    except Exception:
+        return None
+
+
+def _union_changes(steps: list[TopologyChanges | None]) -> TopologyChanges | None:
+    """What a run of topology changes touched in all (None when one cannot be told)."""
+    if any(step is None for step in steps):
+        return None
+    if len(steps) == 1:
+        return steps[0]
+    return TopologyChanges(frozenset().union(*(s.routers for s in steps)),
+                           frozenset().union(*(s.ips for s in steps)),
+                           frozenset().union(*(s.lsps for s in steps)))
 
 
 def changed_keys(before: Mapping, after: Mapping) -> set:
@@ -164,9 +243,9 @@ class Dependents:
 
     def __init__(self) -> None:
         # key -> (the key object kept, the signature(s) holding it)
-        self._by_key: dict[object, tuple[object, _OneOrMore]] = {}
+        self._by_key: dict[object, tuple[object, OneOrMore]] = {}
         # signature -> (the signature object kept, its reader(s))
-        self._readers: dict[tuple[object, ...], tuple[tuple[object, ...], _OneOrMore]] = {}
+        self._readers: dict[tuple[object, ...], tuple[tuple[object, ...], OneOrMore]] = {}
         self._keys: dict[str, tuple[object, ...]] = {}             # uuid -> its signature
         self._anything: set[str] = set()
 
@@ -221,20 +300,20 @@ class Dependents:
             entry = self._by_key.get(key)
             if entry is None:
                 continue
-            for signature in _each(entry[1]):
-                found.update(_each(self._readers[signature][1]))
+            for signature in members(entry[1]):
+                found.update(members(self._readers[signature][1]))
         return found
 
 
 # One item, or a set of several (a set of one costs ~200 bytes). Items are never sets.
-_OneOrMore = object
+OneOrMore = object
 
 
-def _each(items: _OneOrMore) -> Iterable:
+def members(items: OneOrMore) -> Iterable:
     return items if isinstance(items, set) else (items,)
 
 
-def add_member(items: _OneOrMore, item: object) -> _OneOrMore:
+def add_member(items: OneOrMore, item: object) -> OneOrMore:
     """`items` (one item or a set of several) with `item` too."""
     if isinstance(items, set):
         items.add(item)
@@ -242,7 +321,7 @@ def add_member(items: _OneOrMore, item: object) -> _OneOrMore:
     return items if items == item else {items, item}
 
 
-def remove_member(items: _OneOrMore, item: object) -> _OneOrMore | None:
+def remove_member(items: OneOrMore, item: object) -> OneOrMore | None:
     """What is left of `items` (one item or a set of several) without `item` (None:
     nothing)."""
     if not isinstance(items, set):
@@ -292,6 +371,10 @@ class TopologyIndex:
     addresses: dict[str, dict[IpAddress, list[_PortAddress]]] = field(default_factory=dict)
     # LSP name -> every MAC of its address entries
     macs_of_lsp: dict[str, set[str]] = field(default_factory=dict)
+    # Backends validation resolved against this topology (statelesslb.nb.validate):
+    # (router uuid, IP, port, key, the LB's mapping for the IP) -> its ValidBackend.
+    resolved: dict[tuple[object, ...], object] = field(default_factory=dict, compare=False,
+                                                       repr=False)
 
 
 def _vif_addresses(port: NbSwitchPort) -> list[tuple[str, list[IpAddress]]]:

@@ -441,6 +441,10 @@ def _single_router(index: TopologyIndex, lb_uuid: str) -> NbRouter:
     return routers[0]
 
 
+_NOT_MAPPED = object()    # no ip_port_mappings entry for the backend's IP
+_RESOLVED_MAX = 200_000   # backends resolved per topology, kept at most
+
+
 class _BackendResolver:
     """Finds each backend's switch port, MAC and facing router port."""
 
@@ -456,7 +460,8 @@ class _BackendResolver:
         self._index = index
         self._router_name = as_str(router.name)
         self._router_ports = router_ports
-        self._attached = index.attachments.get(as_str(router.uuid), {})
+        self._router_uuid = as_str(router.uuid)
+        self._attached = index.attachments.get(self._router_uuid, {})
         self._mapped_lsp = _parse_ip_port_mappings(lb.ip_port_mappings)
 
     def resolve_vip(self, vip: _ParsedVip) -> tuple[ValidBackend, ...]:
@@ -480,6 +485,22 @@ class _BackendResolver:
         return tuple(resolved)
 
     def _resolve(self, vip_key: str, ip: IpAddress, port: int, key: str) -> ValidBackend:
+        # What a backend resolves to depends on the topology (this index's), the router,
+        # the IP and this LB's mapping for it: the LBs sharing backends share the work
+        # and the ValidBackend objects (memory at scale, docs/scale.md).
+        mapped = self._mapped_lsp.get(ip, _NOT_MAPPED)
+        try:
+            memo_key = (self._router_uuid, ip, port, key, mapped)
+            found = self._index.resolved.get(memo_key)
+        except TypeError:     # a fuzzer's unhashable value
+            return self._resolve_now(vip_key, ip, port, key)
+        if found is None:
+            found = self._resolve_now(vip_key, ip, port, key)
+            if len(self._index.resolved) < _RESOLVED_MAX:
+                self._index.resolved[memo_key] = found
+        return found
+
+    def _resolve_now(self, vip_key: str, ip: IpAddress, port: int, key: str) -> ValidBackend:
         where = f"backend {key} of VIP {vip_key}"
         if ip in self._mapped_lsp:
             lsp_name, mac, switch_uuid = self._from_mapping(where, ip, self._mapped_lsp[ip])

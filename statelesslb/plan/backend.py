@@ -26,6 +26,7 @@ from statelesslb.ofstrings import (
     hex_int,
     ip_text,
     mac_text,
+    shared_results,
 )
 from statelesslb.plan.candidate import Candidate, StoredIds
 from statelesslb.plan.lookups import l4_match, usable_binding, usable_datapath_key
@@ -294,10 +295,11 @@ def _backend_flows(
         out.add_flow(flow, vip.key)
 
 
+@shared_results
 def _ownership_flows(
     protocol: str, l4: str, ip_prefix: str, b: _LocalBackend, tables: TableLayout,
     config: PlanConfig,
-) -> list[FlowSpec]:
+) -> tuple[FlowSpec, ...]:
     """The backend's replies are un-DNATed only if a stateless VIP opened their connection.
 
     The port's zone (reg13) cannot tell: a stateless connection's closed entry there
@@ -369,4 +371,5 @@ def _ownership_flows(
             FlowSpec(tables.ls_out_intercept, prio, f"ct_state=-trk,{to_backend}",
                      other_commit, cookie),
         ]
-    return flows
+    # The same objects for every VIP and LB the backend serves (shared_results).
+    return tuple(flows)

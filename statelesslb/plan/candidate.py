@@ -49,7 +49,7 @@ class Candidate:
 
     def add_flow(self, flow: FlowSpec, vip_key: str) -> None:
         known = self.flows.get(flow.key)
-        if known is not None and known[0] != flow:
+        if known is not None and known[0] is not flow and known[0] != flow:
             # validate_lb should rule this out (one backend port per VIP).
             self.self_conflict = f"VIPs {known[1]} and {vip_key} need clashing flows"
         self.flows.setdefault(flow.key, (flow, vip_key))

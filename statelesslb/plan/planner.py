@@ -35,9 +35,7 @@ from statelesslb.nb.topology import (
     Dependents,
     TopologyCache,
     TopologyState,
-    add_member,
     changed_keys,
-    remove_member,
     same_objects,
 )
 from statelesslb.nb.validate import (
@@ -128,9 +126,11 @@ class IncrementalPlanner:
     """
 
     def __init__(self, config: PlanConfig | None = None,
-                 validation: ValidationMemo | None = None):
+                 validation: ValidationMemo | None = None,
+                 topology: TopologyCache | None = None):
         self.config = config or PlanConfig()
-        self._topology = TopologyCache()
+        # The agent shares one with its NB writer: one topology index, built once.
+        self._topology = topology or TopologyCache()
         self._validation = validation or ValidationMemo()
         self._context: tuple[object, ...] | None = None   # (chassis, tables) last planned for
         self._parts: dict[str, _Part] = {}
@@ -148,7 +148,7 @@ class IncrementalPlanner:
         update (None: unknown, every LB is looked at)."""
         _check_tables(snapshot.tables, self.config)
         nb = snapshot.nb
-        topology = self._topology.get(nb)
+        topology = self._topology.get(nb, self)
         index = topology.index
         validation = self._validation.scope(nb, topology.key)
         context_changed = self._check_context(snapshot, topology)
@@ -260,13 +260,12 @@ class _Merged:
         self.flows: dict[int, FlowSpec] = {sentinel.cookie: sentinel}
         self.groups: dict[int, GroupSpec] = {}
         self.statuses: dict[str, LbPlanStatus] = {}
-        # Who uses each flow key / group id ("" is the sentinel): identical flows may be
-        # shared, and one leaves the bridge only with its last user.
-        # One user is kept as its uuid, several as a set (a set of one is ~200 bytes, and
-        # a backend chassis has tens of thousands of flows: docs/scale.md).
-        self.flow_users: dict[tuple[int, int, str], str | set[str]] = {sentinel.key: ""}
+        # How many accepted LBs use each flow key / group id (the sentinel counts as
+        # one): identical flows may be shared, and one leaves the bridge only with its
+        # last user.
+        self.flow_users: dict[tuple[int, int, str], int] = {sentinel.key: 1}
         self.flow_by_key: dict[tuple[int, int, str], FlowSpec] = {sentinel.key: sentinel}
-        self.group_users: dict[int, str | set[str]] = {}
+        self.group_users: dict[int, int] = {}
         self.accepted: dict[str, Candidate] = {}
         self.conflicted: set[str] = set()
         self.touched_flows: set[int] = set()
@@ -330,11 +329,12 @@ class _Merged:
 
     def _clashes(self, candidate: Candidate) -> bool:
         for key, (flow, _vip) in candidate.flows.items():
+            # Shared flows (a backend's, in every LB it serves) are the same object.
             known = self.flow_by_key.get(key)
-            if known is not None and known != flow:
+            if known is not None and known is not flow and known != flow:
                 return True
             same_cookie = self.flows.get(flow.cookie)
-            if same_cookie is not None and same_cookie != flow:
+            if same_cookie is not None and same_cookie is not flow and same_cookie != flow:
                 return True
         for group_id, (group, _vip) in candidate.groups.items():
             known_group = self.groups.get(group_id)
@@ -343,36 +343,39 @@ class _Merged:
         return False
 
     def _add(self, uuid: str, candidate: Candidate) -> None:
+        # Called once per accepted LB, and _remove once when it leaves: a count of
+        # users is enough (a set of uuids per flow shared by thousands of LBs, such as
+        # a backend's ownership flows, cost megabytes: docs/scale.md).
         self.accepted[uuid] = candidate
         for key, (flow, _vip) in candidate.flows.items():
             users = self.flow_users.get(key)
             if users is None:
-                self.flow_users[key] = uuid
+                self.flow_users[key] = 1
                 self.flow_by_key[key] = flow
                 self.flows[flow.cookie] = flow
                 self.touched_flows.add(flow.cookie)
             else:
-                self.flow_users[key] = add_member(users, uuid)
+                self.flow_users[key] = users + 1
         for group_id, (group, _vip) in candidate.groups.items():
             users = self.group_users.get(group_id)
             if users is None:
-                self.group_users[group_id] = uuid
+                self.group_users[group_id] = 1
                 self.groups[group_id] = group
                 self.touched_groups.add(group_id)
             else:
-                self.group_users[group_id] = add_member(users, uuid)
+                self.group_users[group_id] = users + 1
 
     def _remove(self, uuid: str, candidate: Candidate) -> None:
         for key, (flow, _vip) in candidate.flows.items():
-            left = remove_member(self.flow_users[key], uuid)
-            if left is None:
+            left = self.flow_users[key] - 1
+            if left == 0:
                 del self.flow_users[key], self.flow_by_key[key], self.flows[flow.cookie]
                 self.touched_flows.add(flow.cookie)
             else:
                 self.flow_users[key] = left
         for group_id in candidate.groups:
-            left = remove_member(self.group_users[group_id], uuid)
-            if left is None:
+            left = self.group_users[group_id] - 1
+            if left == 0:
                 del self.group_users[group_id], self.groups[group_id]
                 self.touched_groups.add(group_id)
             else:

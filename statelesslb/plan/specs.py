@@ -148,6 +148,10 @@ class FlowSpec:
     match: str               # "" matches everything
     actions: str
     cookie_prefix: int = DEFAULT_COOKIE_PREFIX
+    # Computed once (a flow is looked up by both in several places, thousands of times
+    # at scale): the key tuple is then one object wherever it is used.
+    _key: tuple[int, int, str] = field(init=False, repr=False, compare=False)
+    _cookie: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_range("table", self.table, 0, MAX_TABLE)
@@ -157,19 +161,22 @@ class FlowSpec:
         if not self.actions:
             raise ValueError("a flow needs actions")
         checked_piece(self.actions)
-
-    @property
-    def key(self) -> tuple[int, int, str]:
-        """What OpenFlow identifies a flow by (OVN too): two specs with one key clash."""
-        return (self.table, self.priority, self.match)
-
-    @property
-    def cookie(self) -> int:
+        object.__setattr__(self, "_key", (self.table, self.priority, self.match))
         # blake2b, not hash(): the same flow must get the same cookie in every
         # process, so a restarted agent recognises what it installed.
         content = f"{self.table}\n{self.priority}\n{self.match}\n{self.actions}".encode()
         digest = hashlib.blake2b(content, digest_size=6).digest()
-        return (self.cookie_prefix << 48) | int.from_bytes(digest, "big")
+        object.__setattr__(self, "_cookie",
+                           (self.cookie_prefix << 48) | int.from_bytes(digest, "big"))
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        """What OpenFlow identifies a flow by (OVN too): two specs with one key clash."""
+        return self._key
+
+    @property
+    def cookie(self) -> int:
+        return self._cookie
 
     def add_line(self) -> str:
         parts = [f"table={self.table}", f"priority={self.priority}", f"cookie={self.cookie:#x}"]

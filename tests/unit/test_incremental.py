@@ -35,6 +35,8 @@ from statelesslb.nb.model import (
     Snapshot,
 )
 from statelesslb.nb.stored import dump_drain
+from statelesslb.nb.topology import TopologyCache
+from statelesslb.nb.validate import ValidationMemo
 from statelesslb.openflow import diff
 from statelesslb.openflow.ofctl import InstalledState
 from statelesslb.plan.planner import IncrementalPlanner, plan
@@ -243,6 +245,43 @@ def test_incremental_planner_equals_planning_from_scratch(ops):
             assert lines == diff.diff_lines(expected, before)
             diff.record(update.plan, before, update.flows, update.groups)
             assert_installed_matches(before, expected)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps, st.integers(1, 12))
+def test_writer_and_planner_sharing_one_topology_index_stay_exact(ops, every):
+    """As in the agent: the NB writer and the planner share one TopologyCache and one
+    validation memo, and each is told what changed since its own last look, however many
+    topology versions the other made meanwhile (the planner here looks only every
+    `every` steps: beyond the cache's history it must plan everything again)."""
+    world = World().populated()
+    cache, memo = TopologyCache(), ValidationMemo()
+    cache.HISTORY = 3     # a short history, so that lagging past it is exercised
+    reconciler = NbReconciler(memo, 10.0, cache)
+    planner = IncrementalPlanner(PlanConfig(), memo, cache)
+    seen_writer: dict = {}
+    seen_planner: dict = {}
+    for step, (op, a, b, c, _write_all) in enumerate(ops):
+        if op != "write":
+            world.apply(op, a, b, c)
+        nb = world.nb()
+        got = reconciler.reconcile(nb, world.now, changed_between(seen_writer,
+                                                                  nb.load_balancers))
+        assert got == reconcile_nb(nb.load_balancers.values(), nb, world.now, None, None,
+                                   10.0)
+        world.topo.write(got)
+        seen_writer = dict(nb.load_balancers)
+        # The writer's write comes back as a new view: its changes are the writer's too.
+        nb = world.nb()
+        reconciler.reconcile(nb, world.now, changed_between(seen_writer, nb.load_balancers))
+        seen_writer = dict(nb.load_balancers)
+        if step % every == 0:
+            snapshot = Snapshot(nb, world.sb(), "gw1", TABLES)
+            update = planner.update(snapshot, world.now,
+                                    changed_between(seen_planner, nb.load_balancers))
+            seen_planner = dict(nb.load_balancers)
+            assert update.plan == plan(snapshot, PlanConfig(), world.now)
+        world.now += 0.6
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -158,3 +158,38 @@ def test_groups_are_read_in_one_dump_only_when_every_group_is_small():
     unsure = _CannedOfctl(_stats_line(ours, 1), groups)
     unsure.ofctl.groups(0x7000_0000, 0x7FFF_FFFF, [ours])
     assert ("dump-groups",) not in unsure.ran
+
+
+def test_lbs_sharing_a_backend_share_its_resolution_only_where_it_is_the_same():
+    """Validation keeps each backend's resolution in the topology index: LBs listing the
+    same backend get the very same ValidBackend; an LB whose ip_port_mappings name
+    another port for that IP, or another port number, gets its own."""
+    from statelesslb.nb.topology import index_topology
+    from statelesslb.nb.validate import ValidLb, validate_lb
+
+    from .factories import basic_topo
+
+    topo = basic_topo(with_lb=False)
+    topo.add_switch("ls1", 5, router_port_mac="00:00:00:00:ee:01")
+    topo.add_vif("ls1", "vm1-twin", "50:54:00:00:01:01", "10.0.0.11", "hv2")
+    mapped = {"10.0.0.11": "vm1-twin:10.0.0.1"}
+    topo.add_lb("a", {"172.16.0.100:80": "10.0.0.11:8080"}, ip_port_mappings=mapped)
+    topo.add_lb("b", {"172.16.0.101:80": "10.0.0.11:8080"}, ip_port_mappings=mapped)
+    topo.add_lb("c", {"172.16.0.102:80": "10.0.0.11:8080"},
+                ip_port_mappings={"10.0.0.11": "vm1:10.0.0.1"})
+    topo.add_lb("d", {"172.16.0.103:80": "10.0.0.11:9090"}, ip_port_mappings=mapped)
+    nb = topo.nb()
+    index = index_topology(nb)
+    backend = {}
+    for name in "abcd":
+        valid = validate_lb(topo.lb(name), nb, index)
+        assert isinstance(valid, ValidLb), valid
+        backend[name] = valid.vips[0].backends[0]
+    assert backend["a"] is backend["b"]
+    assert (backend["c"].lsp_name, backend["c"].mac) == ("vm1", "50:54:00:00:00:01")
+    assert backend["a"].lsp_name == "vm1-twin" and backend["a"].router_port_name == "lr0-ls1"
+    assert (backend["d"].port, backend["d"].key) == (9090, "10.0.0.11:9090")
+    # Each is what validating against a fresh index gives.
+    for name in "abcd":
+        fresh = validate_lb(topo.lb(name), nb, index_topology(nb))
+        assert fresh.vips[0].backends[0] == backend[name]
