@@ -66,6 +66,9 @@ class StoredIds:
     previous_until: float | None = None
     # The NB writer's `statelesslb:active`: what the gateways' groups hold.
     active: Mapping[str, Mapping[str, tuple[int, str, str]]] = field(default_factory=dict)
+    # Backends the NB lists but the NB writer has not given an id yet (just added):
+    # planned without them meanwhile, so the others keep serving.
+    unassigned: tuple[str, ...] = ()
 
 
 def name_text(value: object) -> str:
@@ -81,19 +84,20 @@ def read_ids(lb: NbLoadBalancer, valid: ValidLb, now: float) -> StoredIds | LbPl
         return LbPlanStatus(name, STATE_PENDING,
                             "stored ids are malformed; waiting for the NB writer")
     missing = [k for k in valid.vip_keys if k not in vip_ids]
-    missing += [k for k in valid.backend_keys if k not in bucket_ids]
-    if missing:
-        more = len(missing) - 5
-        return LbPlanStatus(
-            name, STATE_PENDING,
-            f"ids not yet assigned by the NB writer for {', '.join(missing[:5])}"
-            + (f" and {more} more" if more > 0 else ""),
-        )
+    unassigned = tuple(k for k in valid.backend_keys if k not in bucket_ids)
+    if missing or len(unassigned) == len(valid.backend_keys):
+        # A VIP without its id has no group yet; an LB none of whose backends has an id
+        # has nothing to serve. A backend just added to a working LB does not stop the
+        # others: the LB is planned without it until the writer gives it an id (taking
+        # every flow away meanwhile reset the connections those flows carried).
+        missing += list(unassigned)
+        return LbPlanStatus(name, STATE_PENDING, unassigned_text(missing))
+    present = [k for k in valid.backend_keys if k in bucket_ids]
     for key in valid.vip_keys:
         if vip_ids[key] > MAX_VIP_ID:
             return LbPlanStatus(name, STATE_ERROR,
                                 f"VIP id {vip_ids[key]} of {key} is above {MAX_VIP_ID:#x}")
-    for key in valid.backend_keys:
+    for key in present:
         if bucket_ids[key] > MAX_BUCKET_ID:
             return LbPlanStatus(
                 name, STATE_ERROR,
@@ -103,7 +107,7 @@ def read_ids(lb: NbLoadBalancer, valid: ValidLb, now: float) -> StoredIds | LbPl
         return LbPlanStatus(name, STATE_ERROR,
                             f"options:stateless_weights needs bucket ids below {SLOT_BASE}")
     own_vip_ids = [vip_ids[k] for k in valid.vip_keys]
-    own_bucket_ids = [bucket_ids[k] for k in valid.backend_keys]
+    own_bucket_ids = [bucket_ids[k] for k in present]
     if (len(set(own_vip_ids)) != len(own_vip_ids)
             or len(set(own_bucket_ids)) != len(own_bucket_ids)):
         return LbPlanStatus(name, STATE_PENDING,
@@ -112,5 +116,12 @@ def read_ids(lb: NbLoadBalancer, valid: ValidLb, now: float) -> StoredIds | LbPl
     active = parse_active(ext.get(EXT_ACTIVE))
     if previous is not None and valid.second_chance and now < previous[0] + valid.window:
         return StoredIds(vip_ids, bucket_ids, parse_drain(ext.get(EXT_DRAIN)), previous[1],
-                    previous[0] + valid.window, active)
-    return StoredIds(vip_ids, bucket_ids, parse_drain(ext.get(EXT_DRAIN)), active=active)
+                         previous[0] + valid.window, active, unassigned)
+    return StoredIds(vip_ids, bucket_ids, parse_drain(ext.get(EXT_DRAIN)), active=active,
+                     unassigned=unassigned)
+
+
+def unassigned_text(keys: list[str]) -> str:
+    more = len(keys) - 5
+    return (f"ids not yet assigned by the NB writer for {', '.join(keys[:5])}"
+            + (f" and {more} more" if more > 0 else ""))

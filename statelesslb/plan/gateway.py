@@ -131,7 +131,7 @@ def _gateway_members(
     active = ids.active.get(vip.key)
     if active is None:
         members = [(ids.bucket_ids[b.key], b) for b in vip.backends
-                   if b.key not in ids.drained]
+                   if b.key not in ids.drained and b.key in ids.bucket_ids]
     else:
         by_key = {b.key: b for b in vip.backends}
         members = []
@@ -183,6 +183,7 @@ def _plan_affinity(
     zone = f"zone={dec_int(config.gateway_zone, 0xFFFF)}"
     # Sticky: every backend still listed (drained ones too) and every group member.
     sticky = {slot: b for b in vip.backends
+              if b.key in ids.bucket_ids
               for slot in slot_ids(ids.bucket_ids[b.key], valid.weight(b.key))}
     sticky.update(dict(members))
     for bid, backend in sorted(sticky.items()):

@@ -45,7 +45,7 @@ from statelesslb.nb.validate import (
     topology_deps,
 )
 from statelesslb.plan.backend import plan_backends
-from statelesslb.plan.candidate import Candidate, name_text, read_ids
+from statelesslb.plan.candidate import Candidate, name_text, read_ids, unassigned_text
 from statelesslb.plan.gateway import plan_gateway
 from statelesslb.plan.specs import (
     MAX_TABLE,
@@ -419,6 +419,9 @@ def _plan_lb(
     candidate = Candidate()
     plan_gateway(valid, ids, recording, config, candidate)
     plan_backends(valid, ids, recording, config, candidate)
+    if ids.unassigned:
+        candidate.pending.append(
+            unassigned_text(list(ids.unassigned)) + " (the other backends are served)")
     return _Part(lb, open_window, None, candidate, ids.previous_until, frozenset(reads),
                  deps)
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
 
@@ -260,12 +261,29 @@ def test_lb_without_ids_is_pending_and_plans_nothing():
     assert lb_flows(result) == [] and result.groups == {}
 
 
-def test_new_backend_without_bucket_id_is_pending(topo):
+def test_new_backend_without_bucket_id_is_pending_and_the_others_keep_serving(topo):
+    before_gw, before_hv1 = planned(topo, "gw1"), planned(topo, "hv1")
     topo.add_vif("ls0", "vm3", "50:54:00:00:00:03", "10.0.0.13", "hv1")
     topo.update_lb("lb0", vips={"172.16.0.100:80": "10.0.0.11:8080,10.0.0.13:8080"})
-    status = planned(topo, "gw1").lb_status["uuid-lb-lb0"]
-    assert (status.state, status.message) == (
-        "pending", "ids not yet assigned by the NB writer for 10.0.0.13:8080")
+    gw, hv1 = planned(topo, "gw1"), planned(topo, "hv1")
+    for result in (gw, hv1):
+        status = result.lb_status["uuid-lb-lb0"]
+        assert (status.state, status.message) == (
+            "pending", "ids not yet assigned by the NB writer for 10.0.0.13:8080 "
+            "(the other backends are served)")
+    # vm1 (10.0.0.11) keeps its bucket and its flows: taking them away until the NB
+    # writer catches up reset its connections (seen in the sandbox).
+    # The gateway's group stays what the NB writer's active set says until it moves it.
+    vm1_bucket = json.loads(topo.lb("lb0").external_ids[EXT_BUCKETS])["10.0.0.11:8080"]
+    assert gw.groups == before_gw.groups
+    assert all(vm1_bucket in g.buckets for g in gw.groups.values())
+    assert any("nat(dst=10.0.0.11:8080)" in f.actions for f in lb_flows(hv1))
+    assert {f.key for f in lb_flows(before_hv1)} <= {f.key for f in lb_flows(hv1)}
+    # An LB none of whose backends has an id yet plans nothing.
+    topo.update_lb("lb0", vips={"172.16.0.100:80": "10.0.0.13:8080"})
+    result = planned(topo, "gw1")
+    assert result.lb_status["uuid-lb-lb0"].state == "pending"
+    assert lb_flows(result) == [] and result.groups == {}
 
 
 @pytest.mark.parametrize("ext, state, message", [
