@@ -4,6 +4,7 @@ A module can size its sandbox and topology with module-level dicts::
 
     SANDBOX_KWARGS = {"gateways": 3, "hypervisors": 2}
     TOPOLOGY_KWARGS = {"vms": 4}
+    REAL_VMS = 3      # the netns mode: `real` gives (topology, NetnsLab) with 3 VMs
 
 Set STATELESSLB_KEEP_SANDBOX=1 to keep run directories (logs, pcaps, databases) after
 the tests; the processes are stopped either way.
@@ -92,6 +93,34 @@ def sandbox_run_dir() -> Iterator[Path]:
 def topo(sandbox: Sandbox, request: pytest.FixtureRequest) -> Topology:
     """The standard LB topology (lr0, public, sw0, vm1.. on the hypervisors)."""
     return build_lb_topology(sandbox, **getattr(request.module, "TOPOLOGY_KWARGS", {}))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _netns_required(request: pytest.FixtureRequest) -> None:
+    """Before a netns-mode module's sandbox starts: root, namespaces, veths and curl."""
+    if not hasattr(request.module, "REAL_VMS"):
+        return
+    from statelesslb.sandbox import netns
+
+    ok, why = netns.netns_available()
+    require_or_skip(ok, f"netns mode unavailable: {why}")
+    require_or_skip(shutil.which("curl") is not None,
+                    "curl not installed (scripts/setup installs it)")
+
+
+@pytest.fixture(scope="module")
+def real(sandbox: Sandbox, request: pytest.FixtureRequest):
+    """The netns mode's topology and lab (REAL_VMS VM namespaces), agents on every chassis,
+    an HTTP and an echo server in every VM. The sandbox fixture's down() also removes
+    the run's namespaces and veths, whatever failed."""
+    from statelesslb.sandbox import agents, netns
+
+    topo, lab = netns.build_real_topology(sandbox, vms=request.module.REAL_VMS)
+    agents.start_agents(sandbox, debug=False)
+    agents.wait_agents_ready(sandbox)
+    lab.start_http_servers()
+    lab.start_echo_servers()
+    return topo, lab
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 
-import pytest
-
-from statelesslb.sandbox import agents, namespaces
+from statelesslb.sandbox import namespaces
 from statelesslb.sandbox import netns as N
 from statelesslb.sandbox.core import Sandbox
 from statelesslb.sandbox.processes import wait_until
@@ -33,29 +30,10 @@ from statelesslb.sandbox.traffic import (
 SANDBOX_KWARGS = {"gateways": 2, "hypervisors": 2, "enable_dummy": ""}
 VMS = ("vm1", "vm2", "vm3")
 IPS = {"vm1": "10.0.0.11", "vm2": "10.0.0.12", "vm3": "10.0.0.13"}
+REAL_VMS = len(VMS)
 ECHO = N.ECHO_PORT
 # Echo clients: a line every 100 ms, an error when an echo takes longer than this.
 ECHO_TIMEOUT = 4.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _netns_required(require) -> None:
-    """Before the sandbox starts: root, namespaces, veths and curl are needed."""
-    ok, why = N.netns_available()
-    require(ok, f"netns mode unavailable: {why}")
-    require(shutil.which("curl") is not None, "curl not installed (scripts/setup installs it)")
-
-
-@pytest.fixture(scope="module")
-def real(sandbox: Sandbox) -> tuple[Topology, N.NetnsLab]:
-    # The conftest's sandbox fixture stops it with down(), which also removes this
-    # run's namespaces and veths, whatever failed.
-    topo, lab = N.build_real_topology(sandbox, vms=len(VMS))
-    agents.start_agents(sandbox, debug=False)
-    agents.wait_agents_ready(sandbox)
-    lab.start_http_servers()
-    lab.start_echo_servers()
-    return topo, lab
 
 
 def _lb(sb: Sandbox, topo: Topology, name: str, vip: str, backends: list[str],

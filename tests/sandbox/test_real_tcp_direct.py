@@ -9,13 +9,8 @@ the replies (its counters say so; the hypervisors' uplink ports carry them).
 from __future__ import annotations
 
 import re
-import shutil
 import time
 
-import pytest
-
-from statelesslb.sandbox import agents
-from statelesslb.sandbox import netns as N
 from statelesslb.sandbox.core import Sandbox
 from statelesslb.sandbox.topology import Topology
 from statelesslb.sandbox.traffic import set_backends, wait_lb_ready
@@ -23,23 +18,7 @@ from statelesslb.sandbox.traffic import set_backends, wait_lb_ready
 SANDBOX_KWARGS = {"gateways": 2, "hypervisors": 2, "enable_dummy": "",
                   "external_hypervisors": True}
 IPS = ["10.0.0.11", "10.0.0.12", "10.0.0.13"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _netns_required(require) -> None:
-    ok, why = N.netns_available()
-    require(ok, f"netns mode unavailable: {why}")
-    require(shutil.which("curl") is not None, "curl not installed (scripts/setup installs it)")
-
-
-@pytest.fixture(scope="module")
-def real(sandbox: Sandbox) -> tuple[Topology, N.NetnsLab]:
-    topo, lab = N.build_real_topology(sandbox, vms=len(IPS))
-    agents.start_agents(sandbox, debug=False)
-    agents.wait_agents_ready(sandbox)
-    lab.start_http_servers()
-    lab.start_echo_servers()
-    return topo, lab
+REAL_VMS = len(IPS)
 
 
 def _direct_lb(sb: Sandbox, topo: Topology, name: str, vip: str, backends: list[str],
