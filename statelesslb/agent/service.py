@@ -45,6 +45,8 @@ from statelesslb.plan import specs
 from statelesslb.plan.planner import IncrementalPlanner
 
 LOG = logging.getLogger("statelesslb.agent")
+# Seconds between attempts to set up the direct-return uplinks after a failure.
+UPLINK_RETRY_S = 10
 
 NB_LOCK = "statelesslb_nb_writer"
 
@@ -72,6 +74,10 @@ class AgentStatus:
     last_apply_ms: dict[str, float] | None = None
     # Previous bucket sets this chassis holds, as published in the SB ({LB uuid: since}).
     acknowledged: dict[str, float] = field(default_factory=dict)
+    # Why the direct-return uplinks could not be set up (None: fine, or none needed).
+    uplink_error: str | None = None
+    # Physical network -> br-int port of its direct-return uplink.
+    uplinks: dict[str, int] = field(default_factory=dict)
 
 
 class Agent:
@@ -123,6 +129,7 @@ class Agent:
         self.writer: nb_writer.NbWriter | None = None
         self._local: LocalChassis | None = None
         self.uplinks: Uplinks | None = None
+        self._uplinks_failed = False
 
     # -- change notifications (called from other threads) --------------------
     def _on_change(self, source: str, reconnected: bool) -> None:
@@ -198,17 +205,23 @@ class Agent:
         when it changed, and on every full resync (someone may have removed them)."""
         mappings = parse_local_chassis(watchers.read_local_ovs(self.ovs))
         previous = self._local
-        if (not full and previous is not None and previous.bridges == mappings.bridges
+        if (not full and not self._uplinks_failed and previous is not None
+                and previous.bridges == mappings.bridges
                 and previous.chassis_macs == mappings.chassis_macs):
             return previous
         try:
             ports = self.uplinks.sync(mappings) if self.uplinks is not None else {}
+            self._uplinks_failed = False
+            self.status.uplink_error = None
         except UplinkError as exc:
             LOG.warning("cannot set up the direct-return uplinks, replies keep going "
-                        "through the gateway: %s", exc)
-            self.status.last_error = str(exc)
-            self._schedule_retry(5.0)
+                        "through the gateway; trying again in %d s: %s",
+                        UPLINK_RETRY_S, exc)
+            self.status.uplink_error = str(exc)
+            self._uplinks_failed = True
+            self._schedule_retry(UPLINK_RETRY_S)
             ports = {}
+        self.status.uplinks = dict(ports)
         return replace(mappings, uplinks=ports)
 
     def _wait_for_chassis_settings(self) -> dict[str, str]:

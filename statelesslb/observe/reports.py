@@ -411,6 +411,9 @@ def health_problems(status: Mapping[str, Any], resync_interval: float,
         problems.append(f"last update failed: {status['last_error']}")
     if status.get("nb_writer_error"):
         problems.append(f"NB write failed: {status['nb_writer_error']}")
+    if status.get("uplink_error"):
+        problems.append("direct-return uplinks not set up (replies go through the gateway): "
+                        f"{status['uplink_error']}")
     synced = status.get("last_full_sync")
     if synced is None:
         problems.append("no full sync with the bridge yet")

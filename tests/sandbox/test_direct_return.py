@@ -125,3 +125,31 @@ def test_a_chassis_without_a_chassis_mac_falls_back_to_the_gateway(running, topo
                   f"external_ids:ovn-chassis-mac-mappings={sandbox.physnet}:{hv2.chassis_mac}")
     wait_until(lambda: any(f"nw_src={vip},tp_src=80" in f for f in our_flows(hv2)),
                10, 0.05, "hv2's direct-return flow back")
+
+
+def test_an_uplink_that_cannot_be_made_keeps_replies_on_the_gateway(running, topo):
+    """A bridge mapping to a bridge that does not exist: ovs-vsctl cannot add the patch
+    port. The agent says so and keeps serving; the mapping mended, direct return is back."""
+    sandbox, vip = running, "172.16.0.120"
+    hv2 = sandbox.chassis["hv2"]
+    good = f"{sandbox.physnet}:br-ext"
+    hv2.vsctl("set", "Open_vSwitch", ".",
+              f"external_ids:ovn-bridge-mappings={sandbox.physnet}:br-nope")
+    try:
+        wait_until(lambda: not any(f"nw_src={vip},tp_src=80" in f for f in our_flows(hv2)),
+                   10, 0.05, "hv2's direct-return flow gone")
+        status = json.loads(agents.agent_ctl(sandbox, "hv2", "status"))
+        assert "br-nope" in (status["uplink_error"] or ""), status["uplink_error"]
+        assert any("direct-return uplinks" in p for p in status["problems"])
+        entries = json.loads(agents.agent_ctl(sandbox, "hv2", "lb-list"))
+        lbd = next(e for e in entries if e["name"] == "lbd")
+        assert lbd["state"] == "ok" and "through the gateway" in lbd["message"], lbd
+        # Still serving, through the gateway.
+        conns = open_connections(sandbox, topo, vip, range(47300, 47320))
+        assert {c.vm for c in conns} == {"vm1", "vm2"}
+    finally:
+        hv2.vsctl("set", "Open_vSwitch", ".", f"external_ids:ovn-bridge-mappings={good}")
+    wait_until(lambda: any(f"nw_src={vip},tp_src=80" in f for f in our_flows(hv2)),
+               10, 0.05, "hv2's direct-return flow back")
+    status = json.loads(agents.agent_ctl(sandbox, "hv2", "status"))
+    assert status["uplink_error"] is None and set(status["uplinks"]) == {sandbox.physnet}
