@@ -186,19 +186,6 @@ STATELESSLB_OPTS = [
              "attached to its router yet) waits, so that a change made in several "
              "transactions is not reported as an error half-way.",
     ),
-    cfg.FloatOpt(
-        "nb_write_window_max",
-        default=1.0,
-        min=0.0,
-        help="During a flood of new load balancers (created less than this many seconds "
-             "after the NB writer last wrote the ids of new ones), the NB writer waits "
-             "before writing the next ones, so that fewer, larger NB transactions reach "
-             "ovn-northd: the wait starts at 0.1 s and doubles with each write of the "
-             "flood, up to this many seconds. Only load balancers the writer has not "
-             "written yet wait; any change to one it has written (a backend added or "
-             "removed) or a deletion is written at once, together with those waiting. "
-             "0 writes at once always.",
-    ),
 ]
 
 

@@ -29,7 +29,7 @@ from statelesslb.agent.control import CtlServer
 from statelesslb.agent.state import AgentState
 from statelesslb.agent.uplinks import UplinkError, Uplinks, vsctl_binary
 from statelesslb.nb import acks
-from statelesslb.nb.model import EXT_PREFIX, LocalChassis, Snapshot, TableLayout
+from statelesslb.nb.model import LocalChassis, Snapshot, TableLayout
 from statelesslb.nb.parse import parse_local_chassis
 from statelesslb.nb.topology import TopologyCache
 from statelesslb.nb.validate import ValidationMemo, ValidLb
@@ -47,9 +47,6 @@ from statelesslb.plan.planner import IncrementalPlanner
 LOG = logging.getLogger("statelesslb.agent")
 
 NB_LOCK = "statelesslb_nb_writer"
-# The NB writer's first wait in a flood of new LBs; it doubles per write up to
-# nb_write_window_max.
-FLOOD_WINDOW_FIRST = 0.1
 
 
 @dataclass
@@ -97,11 +94,6 @@ class Agent:
         self._plan_changes: frozenset[str] | None = None
         self._writer_changes: frozenset[str] | None = None
         self._noticed_at: float | None = None   # first NB change notice not yet applied
-        # A flood of new LBs (docs/scale.md): new LBs the NB writer holds back for a
-        # larger transaction, when it last wrote new LBs (monotonic), its current wait.
-        self._held: frozenset[str] = frozenset()
-        self._flood_last: float | None = None
-        self._flood_window = 0.0
         self._next_periodic = 0.0
         self._retry_at: float | None = None
         # The plan whose acknowledgement was published last, and its text.
@@ -342,13 +334,9 @@ class Agent:
         snapshot = Snapshot(nb=nb_view, sb=self.sb_reader.read(),
                             chassis=self.status.chassis, tables=self._layout, local=local)
         clock.lap("read_sb")
-        changed = None if full else self._plan_changes
-        if changed is not None and self._held:
-            # Held LBs have no ids yet: plan them once, when the writer has written them.
-            changed, self._plan_changes = changed - self._held, changed & self._held
-        else:
-            self._plan_changes = frozenset()
-        update = self.planner.update(snapshot, now=time.time(), changed=changed)
+        update = self.planner.update(snapshot, now=time.time(),
+                                     changed=None if full else self._plan_changes)
+        self._plan_changes = frozenset()
         clock.lap("plan")
         plan = update.plan
         if plan.expires_at is not None:
@@ -450,16 +438,7 @@ class Agent:
         if not has_lock:
             # Whoever writes meanwhile, on getting the lock we look at every LB.
             self._writer_changes = None
-            self._held = frozenset()
             return nb_view
-        wait = self._flood_wait(nb_view, self._writer_changes)
-        if wait > 0:
-            self._held = self._writer_changes or frozenset()
-            self._schedule_retry(wait)
-            return nb_view
-        self._held = frozenset()
-        new_lbs = self._writer_changes is not None and any(
-            _unwritten(nb_view, u) for u in self._writer_changes)
         changed = self.writer.reconcile(nb_view, self._writer_changes, sb_view,
                                         self.sb_reader.installed)
         self._writer_changes = frozenset()
@@ -467,46 +446,11 @@ class Agent:
             self._schedule_retry(1.0)   # the LBs it could not write are tried again
         if changed:
             nb_view = self._read_nb()   # we just changed it: plan from the new rows
-            if new_lbs:
-                self._note_flood_write()
         due = self.writer.next_due()
         if due is not None:
             # A wait for acknowledgements runs out, or a window closes, then.
             self._schedule_retry(due - time.time() + 0.05)
         return nb_view
-
-    def _flood_wait(self, nb_view, pending: frozenset[str] | None) -> float:
-        """Seconds the NB writer holds back `pending` (0: write now).
-
-        Only while new LBs flood in: every pending LB is marked and not written by us
-        yet, and new LBs were last written less than `nb_write_window_max` ago; then the
-        write waits until the current window since that write has passed. Anything
-        else pending (a change to a written LB, a deletion, a native LB) is written at
-        once, with the new LBs.
-        """
-        window_max = self.conf.statelesslb.nb_write_window_max
-        if window_max <= 0 or not pending or self._flood_last is None:
-            return 0.0
-        since = time.monotonic() - self._flood_last
-        if since >= window_max:
-            return 0.0   # not a flood (any more): the window starts again
-        if not all(_unwritten(nb_view, u) for u in pending):
-            return 0.0
-        return max(0.0, self._flood_window - since)
-
-    def _note_flood_write(self) -> None:
-        """The writer wrote new LBs: a next write of new ones soon after waits longer."""
-        now = time.monotonic()
-        window_max = self.conf.statelesslb.nb_write_window_max
-        if self._flood_last is not None and now - self._flood_last < window_max:
-            self._flood_window = min(window_max, max(FLOOD_WINDOW_FIRST,
-                                                     2 * self._flood_window))
-        else:
-            self._flood_window = min(window_max, FLOOD_WINDOW_FIRST)
-        if self._flood_window >= FLOOD_WINDOW_FIRST:
-            LOG.debug("NB writer: new LBs written; the next new ones wait up to %.2f s",
-                      self._flood_window)
-        self._flood_last = now
 
     @staticmethod
     def _log_status_changes(old: specs.Plan | None, new: specs.Plan,
@@ -591,13 +535,6 @@ def _largest_vip(nb_view) -> int:
             if isinstance(backends, str):
                 largest = max(largest, backends.count(",") + 1)
     return largest
-
-
-def _unwritten(nb_view, lb_uuid: str) -> bool:
-    """A marked LB in the view that the NB writer has not written anything to yet."""
-    lb = nb_view.load_balancers.get(lb_uuid)
-    return (lb is not None and lb.is_stateless
-            and not any(key.startswith(EXT_PREFIX) for key in lb.external_ids))
 
 
 def _union(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
