@@ -134,10 +134,11 @@ class WatchedIdl(connection.OvsdbIdl):
             held = self.holds_lock
             if held != self._held:
                 # Logged from the IDL's thread as it happens (the failover checks read
-                # these lines); a lock granted without any row change wakes the agent too.
-                self._held = held
+                # these lines), before the agent may act on it (lock_announced); a lock
+                # granted without any row change wakes the agent too.
                 LOG.info("%s: lock %s %s at %s", self.source, self.lock_name,
                          "held" if held else "not held", self._session.get_name())
+                self._held = held
                 self._on_change(self.source, False)
         return changed
 
@@ -152,6 +153,12 @@ class WatchedIdl(connection.OvsdbIdl):
         """
         return (bool(self.has_lock) and self._session.is_connected()
                 and self.state == self.IDL_S_MONITORING)
+
+    @property
+    def lock_announced(self) -> bool:
+        """The lock as last logged: the agent writes only once the log says it holds it,
+        so no write is ever logged before the lock that allowed it."""
+        return self._held
 
     @property
     def connected(self) -> bool:
@@ -220,7 +227,8 @@ class Watcher:
 
     @property
     def has_lock(self) -> bool:
-        return bool(self.idl.lock_name) and self.idl.holds_lock
+        # Announced (logged) and still held now: a lost lock stops writes at once.
+        return bool(self.idl.lock_name) and self.idl.lock_announced and self.idl.holds_lock
 
 
 def _opt(value):

@@ -259,6 +259,10 @@ def convergence(changes: list[Change], t_kill: float) -> dict[str, float | None]
 
 # -- the NB writer lock, from the agents' logs ------------------------------------------
 
+# Seconds after a kill's recorded time during which the dying agent's log may still show
+# a write it committed before the signal landed.
+DEATH_SLACK = 0.005
+
 
 def _log_time(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
@@ -270,6 +274,7 @@ class LockHistory:
 
     intervals: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     writes: dict[str, list[float]] = field(default_factory=dict)
+    deaths: dict[str, list[float]] = field(default_factory=dict)   # kills' recorded times
 
     def overlaps(self) -> list[tuple[str, str, float, float]]:
         """Pairs of intervals of two agents that overlap: (agent, agent, from, to)."""
@@ -294,9 +299,18 @@ class LockHistory:
         return (min(starts)[1], min(starts)[0]) if starts else None
 
     def writes_outside(self) -> list[tuple[str, float]]:
-        """NB writes logged by an agent at a time it did not hold the lock."""
+        """NB writes logged by an agent at a time it did not hold the lock.
+
+        An interval ended by a SIGKILL ends at the time taken just before the signal;
+        the agent may still log a write it had committed while the signal is on its way
+        (seen once: a write logged after the kill's time): DEATH_SLACK covers that, for
+        intervals a kill ended only."""
+        def inside(name: str, t: float) -> bool:
+            deaths = self.deaths.get(name, [])
+            return any(a <= t <= b + (DEATH_SLACK if b in deaths else 0.0)
+                       for a, b in self.intervals.get(name, []))
         return [(name, t) for name, ts in self.writes.items() for t in ts
-                if not any(a <= t <= b for a, b in self.intervals.get(name, []))]
+                if not inside(name, t)]
 
 
 def lock_history(sb: Sandbox, deaths: dict[str, list[float]] | None = None,
@@ -305,7 +319,7 @@ def lock_history(sb: Sandbox, deaths: dict[str, list[float]] | None = None,
     then): an interval still open ends there."""
     deaths = deaths or {}
     end_of_time = now if now is not None else math.inf
-    hist = LockHistory()
+    hist = LockHistory(deaths={name: list(ts) for name, ts in deaths.items()})
     for name in sb.agents:
         log = Path(sb.chassis[name].rundir) / "statelesslb-agent.log"
         events: list[tuple[float, bool]] = []

@@ -107,17 +107,19 @@ def test_backend_serving_two_vips_replies_from_each(sandbox, topo, lb1):
             sport = candidate
             break
     assert sport is not None, "no client port of 64 hashed to vm1"
-    send_syn(sandbox, topo, vip2, sport)
     vm1 = topo.vm("vm1")
 
-    def both_at_vm1():
-        ports = [P.l4(p).dport for p in sandbox.chassis[vm1.chassis].sent("vm1")
-                 if P.is_tcp(p, "S") and P.ip(p).src == topo.client_ip]
-        # conntrack may remap the second flow's source port; take the last two SYNs
-        return ports
-    wait_until(lambda: len(both_at_vm1()) >= 2, 3, 0.02, "two SYNs at vm1")
-    syns = [p for p in sandbox.chassis[vm1.chassis].sent("vm1")
-            if P.is_tcp(p, "S") and P.ip(p).src == topo.client_ip][-2:]
+    def syns_at_vm1():
+        return [p for p in sandbox.chassis[vm1.chassis].sent("vm1")
+                if P.is_tcp(p, "S") and P.ip(p).src == topo.client_ip]
+    # lb1's SYN from `sport` (a SYN of an earlier candidate may also have landed late).
+    lb1_syn = [p for p in syns_at_vm1() if P.l4(p).sport == sport][-1]
+    known = len(syns_at_vm1())
+    send_syn(sandbox, topo, vip2, sport)
+    # lb2's SYN is the next one; conntrack may remap its source port (the backend side
+    # of both connections would otherwise be the same tuple).
+    lb2_syn = wait_until(lambda: syns_at_vm1()[known:], 3, 0.02, "lb2's SYN at vm1")[0]
+    syns = [lb1_syn, lb2_syn]
     seen = len(sandbox.client_received())
     for syn in syns:
         sandbox.chassis[vm1.chassis].inject("vm1", P.tcp_synack(

@@ -93,3 +93,13 @@ def test_changed_ids_skips_backends_removed_meanwhile() -> None:
     changes = [Change("c0", ("a", "c"), 1.0, 1.0), Change("c0", ("a", "b", "c"), 2.0, 2.0)]
     assert changed_ids(before, after, changes, since=0.5) == ["c0 c: bucket id 3 -> 5"]
     assert changed_ids(before, {"c0": ({"v": 2}, {"a": 1})}) == ["c0 VIP v: id 1 -> 2"]
+
+
+def test_a_write_racing_a_kill_is_inside_only_for_a_kill():
+    # gw1's interval ended by a kill at 5.0: a write logged 2 ms later raced the signal.
+    killed = LockHistory(intervals={"gw1": [(0.0, 5.0)]}, writes={"gw1": [5.002, 5.1]},
+                         deaths={"gw1": [5.0]})
+    assert killed.writes_outside() == [("gw1", 5.1)]
+    # The same interval ended by a logged loss of the lock: no slack.
+    lost = LockHistory(intervals={"gw1": [(0.0, 5.0)]}, writes={"gw1": [5.002]})
+    assert lost.writes_outside() == [("gw1", 5.002)]
