@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from statelesslb.sandbox.core import Sandbox
 
 import contextlib
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,18 @@ class Chassis:
         if packet is not None:
             args.append(packets.to_hex(packet))
         return self.appctl(*args)
+
+    def sent_to_external(self) -> int:
+        """Packets this chassis sent onto the external segment: the tx counter of its
+        br-ext uplink, a dummy port, so live (a patch port's counters are updated by
+        the revalidators, later)."""
+        if not self.on_external:
+            raise SandboxError(f"{self.name} is not on the external segment")
+        out = self.ofctl("dump-ports", "ext-net", bridge="br-ext")
+        match = re.search(r"tx pkts=(\d+)", out)
+        if match is None:
+            raise SandboxError(f"{self.name}: no tx counter in dump-ports: {out.strip()}")
+        return int(match.group(1))
 
     def conntrack(self) -> str:
         return self.appctl("dpctl/dump-conntrack")

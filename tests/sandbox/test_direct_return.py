@@ -11,7 +11,6 @@ the localnet port). The gateway's own counters say it forwarded no reply.
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 
@@ -58,21 +57,12 @@ def _replies(sandbox, vip: str, since: int) -> list:
             if P.is_tcp(p) and P.ip(p).src == vip]
 
 
-def _sent_to_external(chassis) -> int:
-    """Packets `chassis` sent onto the external segment (its br-ext uplink, a dummy port:
-    live counters)."""
-    out = chassis.ofctl("dump-ports", "ext-net", bridge="br-ext")
-    match = re.search(r"tx pkts=(\d+)", out)
-    assert match, out
-    return int(match.group(1))
-
-
 def test_replies_leave_the_backends_chassis_with_its_chassis_mac(running, topo):
     sandbox, vip = running, "172.16.0.120"
     _lb(sandbox, topo, "lbd", vip, direct=True)
     assert lb_status(sandbox, "lbd") == "ok"
     seen = len(sandbox.client_received())
-    gw_sent = _sent_to_external(sandbox.chassis["gw1"])
+    gw_sent = sandbox.chassis["gw1"].sent_to_external()
     conns = open_connections(sandbox, topo, vip, range(47000, 47020))
     assert len(conns) == 20 and {c.vm for c in conns} == {"vm1", "vm2"}
     replies = wait_until(lambda: (r := _replies(sandbox, vip, seen)) and len(r) >= 20 and r,
@@ -84,7 +74,7 @@ def test_replies_leave_the_backends_chassis_with_its_chassis_mac(running, topo):
         assert reply.src == chassis.chassis_mac, (vm.name, reply.src)
         assert P.l4(reply).sport == 80 and P.is_tcp(reply, "SA")
     # The gateway sent none of them (a GARP at most).
-    assert _sent_to_external(sandbox.chassis["gw1"]) - gw_sent < 10
+    assert sandbox.chassis["gw1"].sent_to_external() - gw_sent < 10
     # Mid-stream packets still go client -> gateway -> backend, undisturbed.
     assert broken(conns, midstream(sandbox, topo, vip, conns, b"d1")) == []
 
@@ -93,13 +83,13 @@ def test_without_the_option_replies_go_through_the_gateway(running, topo):
     sandbox, vip = running, "172.16.0.121"
     _lb(sandbox, topo, "lbg", vip, direct=False)
     seen = len(sandbox.client_received())
-    before = _sent_to_external(sandbox.chassis["gw1"])
+    before = sandbox.chassis["gw1"].sent_to_external()
     conns = open_connections(sandbox, topo, vip, range(47100, 47110))
     assert len(conns) == 10
     replies = wait_until(lambda: (r := _replies(sandbox, vip, seen)) and len(r) >= 10 and r,
                          5, 0.05, "10 SYN-ACKs at the client")
     assert {r.src for r in replies} == {topo.dgp_mac}
-    assert _sent_to_external(sandbox.chassis["gw1"]) - before >= 10
+    assert sandbox.chassis["gw1"].sent_to_external() - before >= 10
 
 
 def test_a_chassis_without_a_chassis_mac_falls_back_to_the_gateway(running, topo):
