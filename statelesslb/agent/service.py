@@ -129,7 +129,7 @@ class Agent:
         self.writer: nb_writer.NbWriter | None = None
         self._local: LocalChassis | None = None
         self.uplinks: Uplinks | None = None
-        self._uplinks_failed = False
+        self._uplinks_retry_at: float | None = None   # set after a failed sync
 
     # -- change notifications (called from other threads) --------------------
     def _on_change(self, source: str, reconnected: bool) -> None:
@@ -205,20 +205,23 @@ class Agent:
         when it changed, and on every full resync (someone may have removed them)."""
         mappings = parse_local_chassis(watchers.read_local_ovs(self.ovs))
         previous = self._local
-        if (not full and not self._uplinks_failed and previous is not None
+        retry_due = (self._uplinks_retry_at is not None
+                     and time.monotonic() >= self._uplinks_retry_at)
+        if (not full and not retry_due and previous is not None
                 and previous.bridges == mappings.bridges
                 and previous.chassis_macs == mappings.chassis_macs):
             return previous
         try:
             ports = self.uplinks.sync(mappings) if self.uplinks is not None else {}
-            self._uplinks_failed = False
+            self._uplinks_retry_at = None
             self.status.uplink_error = None
         except UplinkError as exc:
             LOG.warning("cannot set up the direct-return uplinks, replies keep going "
                         "through the gateway; trying again in %d s: %s",
                         UPLINK_RETRY_S, exc)
             self.status.uplink_error = str(exc)
-            self._uplinks_failed = True
+            # Not on every iteration meanwhile: ovs-vsctl is a process per call.
+            self._uplinks_retry_at = time.monotonic() + UPLINK_RETRY_S
             self._schedule_retry(UPLINK_RETRY_S)
             ports = {}
         self.status.uplinks = dict(ports)
