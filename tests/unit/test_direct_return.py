@@ -17,7 +17,7 @@ from statelesslb.nb.parse import parse_local_chassis
 from statelesslb.nb.topology import TopologyCache
 from statelesslb.nb.validate import LbError, ValidLb, validate_lb
 from statelesslb.plan.planner import IncrementalPlanner, plan
-from statelesslb.plan.specs import STATE_OK, PlanConfig
+from statelesslb.plan.specs import STATE_ERROR, STATE_OK, PlanConfig
 
 from .factories import TABLES, Topo, basic_topo
 
@@ -78,6 +78,22 @@ def test_bad_values_are_refused(value, wanted):
     topo.update_lb("lb0", options={**topo.lb("lb0").options, RETURN_OPTION: value})
     error = validated(topo)
     assert isinstance(error, LbError) and wanted in error.message
+
+
+def test_a_bad_value_plans_nothing_of_its_lb_and_harms_no_other():
+    topo = direct_topo()
+    topo.add_lb("other", {"172.16.0.101:80": "10.0.0.11:8080"})
+    topo.update_lb("other", options={**topo.lb("other").options, RETURN_OPTION: "direct"})
+    topo.assign_ids()
+    topo.update_lb("lb0", options={**topo.lb("lb0").options, RETURN_OPTION: "sideways"})
+    result = plan(topo.snapshot("hv1", GW_REDIRECT, REACH), PlanConfig(), now=topo.clock)
+    bad, good = result.lb_status["uuid-lb-lb0"], result.lb_status["uuid-lb-other"]
+    assert bad.state == STATE_ERROR and "is not gateway or direct" in bad.message
+    assert good.state == STATE_OK
+    # Only the other LB's VIP has flows: its direct-return pair and its backend flows.
+    assert not any("172.16.0.100" in f.match for f in result.flows.values())
+    assert sum(1 for f in result.flows.values()
+               if f.table == 20 and "nw_src=172.16.0.101" in f.match) == 2
 
 
 def test_direct_return_needs_a_localnet_port_and_no_affinity():
