@@ -162,6 +162,11 @@ def gw_threads(sb: Sandbox) -> dict[str, float]:
         if comm == "ovs-vswitchd":
             out["main user"] = out.get("main user", 0.0) + utime
             out["main system"] = out.get("main system", 0.0) + stime
+            # Each time the main loop sleeps in poll() and is woken: a voluntary switch.
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    out["main wakeups"] = (out.get("main wakeups", 0.0)
+                                           + float(line.split()[1]))
         else:
             out[comm] = out.get(comm, 0.0) + utime + stime
     return out
@@ -193,7 +198,7 @@ def vip_dp_flows(chassis, vip: str, side: str = "dst") -> list[str]:
 
 def run_load(sb: Sandbox, lab: NetnsLab, label: str, vip: str, sources: str, *,
              clients: int, duration: float, max_requests: int,
-             ct_needle: str | None = None) -> dict:
+             ct_needle: str | None = None, idle: float = 0.0) -> dict:
     """One `tcpapps.py load` run from the client namespace (one GET of /who per new TCP
     connection to vip:80, from the addresses of `sources` in turn, or the client's own
     when empty), with the gateways' and backends' counters around it.
@@ -201,6 +206,9 @@ def run_load(sb: Sandbox, lab: NetnsLab, label: str, vip: str, sources: str, *,
     ct_needle: what a conntrack line of this run's connections contains (default
     "dst=<vip>,"; OVN's use_stateless_nat commits the backend as destination, so count
     those by client source instead).
+    idle: seconds to measure gw1's ovs-vswitchd CPU afterwards, with no load but the
+    run's datapath flows still there (its revalidators keep working on them): the
+    gateway's cost per second that does not come from connections.
     """
     out = lab.dir / f"load-{label}.json"
     out.unlink(missing_ok=True)
@@ -214,11 +222,13 @@ def run_load(sb: Sandbox, lab: NetnsLab, label: str, vip: str, sources: str, *,
             "--max-requests", str(max_requests), "--out", str(out)]
     if sources:
         argv += ["--sources", sources]
+    started = time.monotonic()
     lab.start("client", f"load-{label}", argv)
     name = lab.process_name("client", f"load-{label}")
     wait_until(lambda: not sb.is_running(name), duration + 30, 0.1,
                f"load run {label} to finish")
     cpu1, up1, th1 = vswitchd_cpu(sb), upcalls(gw), gw_threads(sb)
+    wall = time.monotonic() - started
     result_hv_upcalls = sum(upcalls(c) for c in sb.hypervisor_chassis) - hv_up0
     result = json.loads(out.read_text())
     result["vswitchd_cpu_s"] = {k: round(cpu1[k] - cpu0.get(k, 0.0), 3) for k in cpu1}
@@ -234,6 +244,12 @@ def run_load(sb: Sandbox, lab: NetnsLab, label: str, vip: str, sources: str, *,
     result["conntrack_gw1"] = len(conntrack_lines(gw, needle))
     result["conntrack_backends"] = sum(
         len(conntrack_lines(c, needle)) for c in sb.hypervisor_chassis)
+    result["wall_s"] = round(wall, 3)
+    if idle > 0:
+        before = vswitchd_cpu(sb).get("gw1", 0.0)
+        time.sleep(idle)
+        result["gw1_idle_cpu_per_s"] = round(
+            (vswitchd_cpu(sb).get("gw1", 0.0) - before) / idle, 4)
     return result
 
 

@@ -17,7 +17,9 @@ Each configuration's clients come from their own range of --client-addrs address
 (172.16.<n>.0/24 routed to the client namespace: many clients, as on the internet; own
 ranges so no configuration meets another's conntrack entries). Each runs twice in a row:
 "cold" right after the LB is set up, then "warm" (the gateway's datapath flows of the cold
-phase are still there: the steady state of a busy gateway). Printed per phase: requests/s,
+phase are still there, but at a modest rate part of the hash classes have not been hit
+yet), then with --phases 3 "steady" (nearly every class hit: what a busy gateway pays for
+ever). Printed per phase: requests/s,
 latency, gateway datapath flows for the VIP, gateway upcalls (`dpctl/show` "missed"), the
 gateway's and the backends' ovs-vswitchd CPU per 1,000 connections, balance (busiest
 backend's requests / mean over all backends), and ratios to native.
@@ -52,7 +54,15 @@ from statelesslb.sandbox import netns as N
 from statelesslb.sandbox.traffic import lb_ids, wait_lb_ready
 
 NATIVE_VIP = "172.16.0.110"
-PHASES = ("cold", "warm")
+
+
+def phase_names(count: int) -> list[str]:
+    """cold, warm, then "steady" for every later phase: by then the clients have hit
+    nearly every hash class at least once (8,192 by default; two phases of ~10,000
+    connections leave e^-2.4 of them unseen), so what is left per connection is what a
+    busy gateway pays for ever."""
+    return ["cold", "warm", *(["steady"] if count == 3 else
+                              [f"steady{i}" for i in range(1, count - 1)])][:count]
 
 
 def class_balance(bucket_ids: dict[str, int], vip: str, sources: str,
@@ -94,6 +104,13 @@ def main() -> int:
     ap.add_argument("--client-addrs", type=int, default=256,
                     help="client addresses per configuration (1: the client's own)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    ap.add_argument("--phases", type=int, default=2,
+                    help="phases per configuration, one after the other: cold, warm, "
+                    "then steady (1..4)")
+    ap.add_argument("--idle", type=float, default=0.0,
+                    help="after each phase, measure gw1's ovs-vswitchd CPU for this many "
+                    "seconds with no load (its datapath flows still there) and print the "
+                    "CPU per connection above that idle rate too (0: not measured)")
     ap.add_argument("--max-requests", type=int, default=200_000)
     ap.add_argument("--hash", action="append", dest="hashes",
                     help="an options:stateless_hash value to measure (repeat; default: "
@@ -115,6 +132,9 @@ def main() -> int:
     returns = list(dict.fromkeys(args.returns or ["gateway"]))
     if not 1 <= args.clients <= 64 or not 1 <= args.duration <= 120:
         ap.error("--clients must be 1..64 and --duration 1..120")
+    if not 1 <= args.phases <= 4:
+        ap.error("--phases must be 1..4")
+    phases = phase_names(args.phases)
     if not 1 <= args.vms <= 32 or args.client_addrs not in (1, 16, 64, 256):
         ap.error("--vms must be 1..32 and --client-addrs 1, 16, 64 or 256")
     if len(hashes) * len(returns) > 8:
@@ -185,11 +205,12 @@ def main() -> int:
         time.sleep((args.max_idle or 10_000) / 1000 + 1)
         for label, (_name, vip, _hash, _way) in configs.items():
             results[label] = {}
-            for phase in PHASES:
+            for phase in phases:
                 results[label][phase] = run_load(
                     sb, lab, f"{label}-{phase}".replace(" ", "_").replace(",", "_").replace(
                         ":", ""), vip, sources[label], clients=args.clients,
-                    duration=args.duration, max_requests=args.max_requests)
+                    duration=args.duration, max_requests=args.max_requests,
+                    idle=args.idle)
                 print(f"  {label} {phase}: {results[label][phase]['rps']} req/s",
                       file=sys.stderr)
     finally:
@@ -197,17 +218,17 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(run_dir, ignore_errors=True)
 
-    report(results, expected_balance, args)
+    report(results, expected_balance, phases, args)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
 
 
 def report(results: dict[str, dict[str, dict]], expected_balance: dict[str, float | None],
-           args) -> None:
+           phases: list[str], args) -> None:
     labels = list(results)
     native = results["native"]
-    for phase in PHASES:
+    for phase in phases:
         res = {k: results[k][phase] for k in labels}
         print(f"\n{phase} phase ({args.duration:g} s each)")
         print(row("", labels))
@@ -228,11 +249,32 @@ def report(results: dict[str, dict[str, dict]], expected_balance: dict[str, floa
                           + res[k]["vswitchd_cpu_s"].get("hv2", 0), res[k]["ok"])
               for k in labels}
         print(row("gw1 vswitchd CPU ms / 1,000 conns", [gw[k] for k in labels]))
-        kinds = sorted({t for k in labels for t in res[k]["gw1_threads_s"]})
+        wakeups = {k: res[k]["gw1_threads_s"].get("main wakeups") for k in labels}
+        print(row("gw1 main loop wake-ups per connection", [
+            None if wakeups[k] is None else round(wakeups[k] / max(res[k]["ok"], 1), 2)
+            for k in labels]))
+        print(row("gw1 main loop CPU µs per wake-up", [
+            None if not wakeups[k] else round(
+                (res[k]["gw1_threads_s"].get("main user", 0.0)
+                 + res[k]["gw1_threads_s"].get("main system", 0.0)) * 1e6 / wakeups[k], 1)
+            for k in labels]))
+        kinds = sorted(t for t in {t for k in labels for t in res[k]["gw1_threads_s"]}
+                       if t != "main wakeups")
         for kind in kinds:
             print(row(f"  of which {kind}", [per_1000(res[k]["gw1_threads_s"].get(kind, 0.0),
                                                       res[k]["ok"]) for k in labels]))
-        for key in ("packets received", "avg. datapath passes per packet"):
+        if args.idle:
+            idle = {k: res[k].get("gw1_idle_cpu_per_s") for k in labels}
+            print(row("gw1 vswitchd CPU ms/s idle after it", [
+                None if idle[k] is None else round(idle[k] * 1000, 1) for k in labels]))
+            above = {k: None if gw[k] is None or idle[k] is None else round(
+                gw[k] - idle[k] * res[k]["wall_s"] * 1e6 / max(res[k]["ok"], 1), 1)
+                for k in labels}
+            print(row("gw1 CPU ms / 1,000 conns above idle", [above[k] for k in labels]))
+            print(row("  vs native", [ratio(above[k], above["native"]) for k in labels]))
+        for key in ("packets received", "avg. datapath passes per packet",
+                    "avg. subtable lookups per megaflow hit",
+                    "avg. packets per output batch"):
             print(row(f"gw1 dp: {key}", [res[k]["pmd_gw1"].get(key) for k in labels]))
         print(row("hv1+hv2 vswitchd CPU ms / 1,000 conns", [hv[k] for k in labels]))
         print(row("hv1+hv2 upcalls per connection",
