@@ -259,7 +259,12 @@ class Agent:
                 break
             # Gather a burst of changes into one recompute, unless all that changed is
             # load balancers that are valid as they are now (a backend change).
-            if not self._valid_lb_changes_only():
+            try:
+                hurry = self._valid_lb_changes_only()
+            except Exception:  # only a guess at whether to wait: never stop the loop
+                LOG.exception("could not tell whether to skip the debounce")
+                hurry = False
+            if not hurry:
                 time.sleep(self.conf.statelesslb.debounce)
             self._wake.clear()
             now = time.monotonic()
