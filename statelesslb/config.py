@@ -179,7 +179,12 @@ STATELESSLB_OPTS = [
         "debounce",
         default=0.02,
         min=0.0,
-        help="Seconds to gather database changes before recomputing.",
+        help="Seconds to gather database changes before recomputing. Not waited for "
+             "when all that changed is load balancers that are valid as they are now "
+             "(e.g. a backend added or removed) and acknowledgements in the SB: those are "
+             "applied at once. Anything else (a topology change, a new load balancer not "
+             "attached to its router yet) waits, so that a change made in several "
+             "transactions is not reported as an error half-way.",
     ),
 ]
 

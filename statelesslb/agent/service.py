@@ -32,7 +32,7 @@ from statelesslb.nb import acks
 from statelesslb.nb.model import LocalChassis, Snapshot, TableLayout
 from statelesslb.nb.parse import parse_local_chassis
 from statelesslb.nb.topology import TopologyCache
-from statelesslb.nb.validate import ValidationMemo
+from statelesslb.nb.validate import ValidationMemo, ValidLb
 from statelesslb.openflow import diff, tables
 from statelesslb.openflow.ofctl import (
     BULK_DUMP_MAX_BUCKETS,
@@ -257,8 +257,15 @@ class Agent:
             self._wake.wait(timeout)
             if self._stop.is_set():
                 break
-            # Gather a burst of changes into one recompute.
-            time.sleep(self.conf.statelesslb.debounce)
+            # Gather a burst of changes into one recompute, unless all that changed is
+            # load balancers that are valid as they are now (a backend change).
+            try:
+                hurry = self._valid_lb_changes_only()
+            except Exception:  # only a guess at whether to wait: never stop the loop
+                LOG.exception("could not tell whether to skip the debounce")
+                hurry = False
+            if not hurry:
+                time.sleep(self.conf.statelesslb.debounce)
             self._wake.clear()
             now = time.monotonic()
             if now >= self._next_periodic:
@@ -275,6 +282,41 @@ class Agent:
                 # What is installed is no longer known to match our records.
                 self._installed = None
                 self._schedule_retry(1.0)
+
+    def _valid_lb_changes_only(self) -> bool:
+        """Whether the changes noticed and not yet read are load balancers alone, each
+        marked and valid as it is now against the topology indexed last (a backend
+        change), maybe acknowledgements in the SB (Chassis_Private), or none: applied at once,
+        they cannot show a transient error. Anything else (a topology row, a new or
+        deleted LB, one that does not validate yet, say created and attached to its
+        router in two transactions) waits `debounce` seconds for the rest of its burst.
+        Only the wait depends on it: the iteration reads everything afresh.
+        """
+        latest = self.topology.latest()
+        if (self.nb is None or self.sb is None or latest is None or self._full_resync
+                or self.conf.statelesslb.debounce <= 0):
+            return False
+        nb, key, index = latest
+        with self.sb.connection.lock:
+            sb_changes = self.sb.idl.changes
+            if sb_changes.everything or not set(sb_changes.rows) <= {"Chassis_Private"}:
+                return False
+        with self.nb.connection.lock:
+            changes = self.nb.idl.changes
+            if changes.everything or not set(changes.rows) <= {"Load_Balancer"}:
+                return False
+            rows = self.nb.idl.tables["Load_Balancer"].rows
+            lbs = []
+            for row_uuid in changes.rows.get("Load_Balancer", ()):
+                row = rows.get(row_uuid)
+                if row is None:
+                    return False
+                lbs.append(watchers.lb_model(row))
+        # Nothing at all (a timer, or a wake for changes an iteration already read, such
+        # as the NB writer's own update): no burst to gather either.
+        validation = self.validation.scope(nb, key)
+        return all(lb.uuid in nb.load_balancers
+                   and isinstance(validation.validate(lb, nb, index), ValidLb) for lb in lbs)
 
     def _schedule_retry(self, delay: float) -> None:
         """Run an iteration `delay` seconds from now, or earlier if one is due sooner."""

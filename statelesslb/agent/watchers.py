@@ -254,7 +254,8 @@ def read_local_ovs(watcher: Watcher) -> dict[str, str]:
         return dict(rows[0].external_ids) if rows else {}
 
 
-def _load_balancer(row) -> model.NbLoadBalancer:
+def lb_model(row) -> model.NbLoadBalancer:
+    """A Load_Balancer row as the model (call with the connection lock held)."""
     return model.NbLoadBalancer(
         uuid=str(row.uuid),
         name=row.name,
@@ -342,7 +343,7 @@ class NbReader:
             touched = changes.rows.get("Load_Balancer", set())
             changed: frozenset[str] | None
             if changes.everything or everything:
-                lbs = {str(row.uuid): _load_balancer(row) for row in lb_rows.values()}
+                lbs = {str(row.uuid): lb_model(row) for row in lb_rows.values()}
                 if not changes.everything:
                     self._check_lbs(lbs, {str(u) for u in touched})
                 self._lbs, changed = lbs, None
@@ -362,7 +363,7 @@ class NbReader:
                             old.uuid, old.name, old.protocol, old.vips, old.options,
                             dict(row.external_ids), old.ip_port_mappings)
                     else:
-                        self._lbs[key] = _load_balancer(row)
+                        self._lbs[key] = lb_model(row)
                 changed = frozenset(str(u) for u in touched)
             topology_touched = not NB_TOPOLOGY_TABLES.isdisjoint(changes.rows)
             if changes.everything or everything or topology_touched or self._topology is None:

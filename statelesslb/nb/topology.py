@@ -90,6 +90,12 @@ class TopologyCache:
         self._history: dict[int, tuple[bool, frozenset[str], TopologyChanges | None]] = {}
         self._seen: dict[object, int] = {}      # reader -> the version it saw last
 
+    def latest(self) -> tuple[NbView, object, TopologyIndex] | None:
+        """(the view indexed last, its topology key, its index), if any."""
+        if self._nb is None or self._index is None:
+            return None
+        return self._nb, self._key, self._index
+
     def get(self, nb: NbView, reader: object = None) -> TopologyState:
         source = (nb.routers, nb.router_ports, nb.switches, nb.switch_ports)
         if self._index is None or not same_objects(source, self._source):

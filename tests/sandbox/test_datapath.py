@@ -289,3 +289,48 @@ def test_unmarking_restores_ovn_load_balancing(sandbox, topo, lb1):
     ovn_groups = {int(g) for flow in ovn_flows for g in re.findall(r"group:(\d+)", flow)}
     assert ovn_groups, "no flow of OVN's uses a group: its LB is not back"
     assert all(gid < GROUP_BASE for gid in ovn_groups), sorted(ovn_groups)
+
+
+def test_a_backend_change_skips_the_debounce_a_late_attach_does_not(sandbox, topo, lb1):
+    """With a 2 s debounce: a backend change of a valid LB is applied without waiting for
+    it (all that changed is an LB row that validates as it is, then the NB writer's own
+    update of it); an LB created, then attached to its router in another transaction,
+    waits for the debounce and so never shows the error of the moment in between."""
+    debounce = 2.0
+    for chassis in sandbox.chassis.values():
+        agents.stop_agent(sandbox, chassis)
+    try:
+        agents.start_agents(sandbox, extra_config=f"debounce = {debounce}\n")
+        agents.wait_agents_ready(sandbox)
+        gw = sandbox.chassis["gw1"]
+        create_lb(sandbox, "lbq", "172.16.0.121:80", BACKENDS)
+        sandbox.nbctl("set", "load_balancer", "lbq", "options:stateless_persistence=hash")
+        gid = wait_lb_ready(sandbox, "lbq", "172.16.0.121:80", 3, topo=topo)
+        _vips, ids = lb_ids(sandbox, "lbq")
+        for members in (BACKENDS[:2], BACKENDS):
+            start = time.monotonic()
+            sandbox.nbctl("set", "load_balancer", "lbq",
+                          f'vips:"172.16.0.121:80"="{",".join(members)}"')
+            wait_group(gw, gid, {ids[b] for b in members}, timeout=10)
+            took = time.monotonic() - start
+            assert took < debounce * 0.75, f"a backend change took {took:.2f} s"
+        # Created, then attached: in between it is on no router.
+        start = time.monotonic()
+        _raw_lb(sandbox, "late-attach", "172.16.0.122:80", "10.0.0.11:8080", "lr0",
+                "options:stateless_persistence=hash")
+        seen = []
+        deadline = time.monotonic() + debounce * 3
+        while time.monotonic() < deadline and (not seen or seen[-1] is None
+                                               or not seen[-1].startswith("ok")):
+            seen.append(lb_status(sandbox, "late-attach"))
+        took = time.monotonic() - start
+        assert seen[-1] is not None and seen[-1].startswith("ok"), seen
+        assert not any(s is not None and s.startswith("error") for s in seen), seen
+        assert took >= debounce, f"the new LB was applied after {took:.2f} s"
+        sandbox.nbctl("lb-del", "late-attach")
+        sandbox.nbctl("lb-del", "lbq")
+    finally:
+        for chassis in sandbox.chassis.values():
+            agents.stop_agent(sandbox, chassis)
+        agents.start_agents(sandbox)
+        agents.wait_agents_ready(sandbox)
