@@ -1,0 +1,122 @@
+"""The NB writer logs a write while it holds the IDL's connection lock, with a real NB
+ovsdb-server.
+
+The failover checks (statelesslb/sandbox/failover.py) read, from each agent's log, when
+it held the NB writer lock (lines the IDL's thread logs, under the connection lock) and
+when it wrote. Logged after the connection lock is released, a write committed just
+before its server died could show after the IDL's thread had logged the lock lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from statelesslb.agent.nb_writer import NbWriter
+from statelesslb.agent.service import NB_LOCK
+from statelesslb.agent.watchers import NB_TABLES, NbReader, Watcher
+from statelesslb.sandbox.processes import wait_until
+
+SCHEMA = "/usr/share/ovn/ovn-nb.ovsschema"
+
+
+class OwnedLock:
+    """A lock that knows which thread holds it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+
+    def acquire(self, *args) -> bool:
+        got = self._lock.acquire(*args)
+        if got:
+            self.owner = threading.get_ident()
+        return got
+
+    def release(self) -> None:
+        self.owner = None
+        self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class LockProbe(logging.Handler):
+    """Notes, for each "LBs written" record, whether its thread held `lock`."""
+
+    def __init__(self, connection_lock: OwnedLock):
+        super().__init__()
+        self.connection_lock = connection_lock   # not `lock`: Handler has its own
+        self.writes: list[bool] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "LBs written" in record.getMessage():
+            self.writes.append(self.connection_lock.owner == threading.get_ident())
+
+
+@pytest.fixture
+def nb_server(require):
+    tools = {t: shutil.which(t) for t in ("ovsdb-tool", "ovsdb-server", "ovn-nbctl")}
+    require(all(tools.values()) and os.path.exists(SCHEMA),
+            "needs ovsdb-server, ovsdb-tool (openvswitch-switch) and ovn-nbctl (ovn-central)")
+    run = Path(tempfile.mkdtemp(prefix="slb-nbw-", dir="/tmp"))
+    server = None
+    try:
+        subprocess.run([tools["ovsdb-tool"], "create", f"{run}/nb.db", SCHEMA], check=True)
+        server = subprocess.Popen(
+            [tools["ovsdb-server"], f"{run}/nb.db", f"--remote=punix:{run}/nb.sock",
+             f"--unixctl={run}/nb.ctl", "--no-chdir", "-vconsole:off"])
+        wait_until(lambda: os.path.exists(f"{run}/nb.sock"), 10, 0.02, "ovsdb-server")
+        yield f"unix:{run}/nb.sock", tools["ovn-nbctl"]
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(5)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_the_writer_logs_its_write_under_the_connection_lock(nb_server):
+    remote, nbctl = nb_server
+    # A marked LB on no router: the writer writes its error status.
+    subprocess.run([nbctl, f"--db={remote}", "lb-add", "lb1", "10.0.0.10:80",
+                    "10.0.1.2:8080", "--", "set", "load_balancer", "lb1",
+                    "options:stateless_mode=mac"], check=True, capture_output=True)
+    watcher = Watcher("nb", "OVN_Northbound", remote, NB_TABLES, lambda *_: None,
+                      lock_name=NB_LOCK)
+    lock = OwnedLock()
+    watcher.connection.lock = lock     # before its thread starts: it takes this one
+    probe = LockProbe(lock)
+    writer_log = logging.getLogger("statelesslb.agent.nb_writer")
+    writer_log.addHandler(probe)
+    old_level = writer_log.level
+    writer_log.setLevel(logging.INFO)
+    watcher.start()
+    try:
+        wait_until(lambda: watcher.has_lock, 20, 0.02, "the writer lock")
+        reader, writer = NbReader(watcher), NbWriter(watcher)
+        nb, _changed = reader.read(everything=True)
+        assert writer.reconcile(nb) == 1, writer.last_error
+        status = subprocess.run([nbctl, f"--db={remote}", "get", "load_balancer", "lb1",
+                                 "external_ids:\"statelesslb:status\""], check=True,
+                                capture_output=True, text=True).stdout
+        assert "error" in status, status
+        assert probe.writes == [True]
+    finally:
+        writer_log.removeHandler(probe)
+        writer_log.setLevel(old_level)
+        watcher.stop()
