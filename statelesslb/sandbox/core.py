@@ -329,6 +329,21 @@ class Sandbox:
         self.wait_gateways_settled(timeout)
         self.flush_external_fdb()
 
+    def recompute_gateways(self) -> None:
+        """Every gateway's ovn-controller recomputes its flows from scratch.
+
+        After a gateway priority change, OVN 23.03's ovn-controller on the gateway that
+        lost the distributed gateway port sometimes keeps its is_chassis_resident()
+        flows (incremental processing misses the change): its public switch and router
+        go on admitting and routing the port's traffic, so a frame the external segment
+        floods to both gateways reaches the backends twice, through OVN's pipeline on
+        the old gateway too (1 run in 5-20 of test_switches' gateway move; a recompute
+        made `ofproto/trace` there drop it). Call after moving a port when a test
+        counts arrivals exactly.
+        """
+        for chassis in self.gateway_chassis:
+            chassis.controller_appctl("recompute")
+
     def flush_external_fdb(self) -> None:
         """Forget the MACs learned on the external segment and every gateway's br-ext.
 
