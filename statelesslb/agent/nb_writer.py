@@ -79,7 +79,8 @@ class NbWriter:
                     LOG.log(level, "LB %s: %s", lb.name, _describe(delta))
                 LOG.debug("LB %s: full values %s", lb.name, delta)
             status = txn.commit_block()
-            if status in (ovs_idl.Transaction.SUCCESS, ovs_idl.Transaction.UNCHANGED):
+            written = status in (ovs_idl.Transaction.SUCCESS, ovs_idl.Transaction.UNCHANGED)
+            if written:
                 # Logged under the connection lock, so before the IDL's thread can log
                 # a lock loss that came after the commit (the failover checks read
                 # both lines).
@@ -87,7 +88,7 @@ class NbWriter:
                          "%.0f ms to commit)", len(changes),
                          (time.perf_counter() - started) * 1000,
                          (computed - started) * 1000, (time.perf_counter() - computed) * 1000)
-        if status not in (ovs_idl.Transaction.SUCCESS, ovs_idl.Transaction.UNCHANGED):
+        if not written:
             self.last_error = f"NB write failed: {status} {txn.get_error()}"
             LOG.warning("%s", self.last_error)
             return 0
