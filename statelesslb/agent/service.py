@@ -12,6 +12,7 @@ the periodic resync re-reads everything and compares it all.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import gc
 import logging
 import os
@@ -633,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
+    # `kill -USR2 <pid>`: every thread's stack on stderr, for an agent that seems stuck.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     try:
         agent.start()
         agent.run()

@@ -100,6 +100,12 @@ def test_a_write_racing_a_kill_is_inside_only_for_a_kill():
     killed = LockHistory(intervals={"gw1": [(0.0, 5.0)]}, writes={"gw1": [5.002, 5.1]},
                          deaths={"gw1": [5.0]})
     assert killed.writes_outside() == [("gw1", 5.1)]
+    # A later grant to another agent bounds the dying agent's lines instead: the server
+    # grants it only once the dead agent's session closed.
+    granted = LockHistory(intervals={"gw1": [(0.0, 5.0)], "gw2": [(5.02, 9.0)]},
+                          writes={"gw1": [5.015, 5.03], "gw2": [5.05]},
+                          deaths={"gw1": [5.0]})
+    assert granted.writes_outside() == [("gw1", 5.03)]
     # The same interval ended by a logged loss of the lock: no slack.
     lost = LockHistory(intervals={"gw1": [(0.0, 5.0)]}, writes={"gw1": [5.002]})
     assert lost.writes_outside() == [("gw1", 5.002)]
