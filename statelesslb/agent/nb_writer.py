@@ -55,8 +55,10 @@ class NbWriter:
         from ovs.db import idl as ovs_idl
 
         level = logging.INFO if len(changes) <= LOG_EACH_MAX else logging.DEBUG
-        with self.watcher.connection.lock:
-            txn = ovs_idl.Transaction(api_idl)
+        ok = (ovs_idl.Transaction.SUCCESS, ovs_idl.Transaction.UNCHANGED)
+
+        def build(_txn) -> None:
+            # In the NB connection's thread, with its lock held (Watcher.commit).
             rows = api_idl.tables["Load_Balancer"].rows
             for uuid_text, delta in changes.items():
                 row = rows.get(uuid.UUID(uuid_text))
@@ -78,9 +80,9 @@ class NbWriter:
                 if LOG.isEnabledFor(level):   # _describe costs, even when not logged
                     LOG.log(level, "LB %s: %s", lb.name, _describe(delta))
                 LOG.debug("LB %s: full values %s", lb.name, delta)
-            status = txn.commit_block()
-            written = status in (ovs_idl.Transaction.SUCCESS, ovs_idl.Transaction.UNCHANGED)
-            if written:
+
+        def done(status: str) -> None:
+            if status in ok:
                 # Logged under the connection lock, so before the IDL's thread can log
                 # a lock loss that came after the commit (the failover checks read
                 # both lines).
@@ -88,8 +90,11 @@ class NbWriter:
                          "%.0f ms to commit)", len(changes),
                          (time.perf_counter() - started) * 1000,
                          (computed - started) * 1000, (time.perf_counter() - computed) * 1000)
+
+        status, error = self.watcher.commit(build, done)
+        written = status in ok
         if not written:
-            self.last_error = f"NB write failed: {status} {txn.get_error()}"
+            self.last_error = f"NB write failed: {status} {error}"
             LOG.warning("%s", self.last_error)
             return 0
         self.writes += 1

@@ -11,6 +11,7 @@ without reporting deletions (python-ovs clears it silently).
 from __future__ import annotations
 
 import logging
+import queue
 import time
 import uuid as uuid_lib
 from collections.abc import Callable, Mapping
@@ -178,6 +179,34 @@ def _schema_helper(schema: str, remote: str) -> ovs_idl.SchemaHelper:
     return idlutils.get_schema_helper(remote, schema)
 
 
+class _CommitJob:
+    """One python-ovs transaction, built and committed by the connection's own thread.
+
+    Only that thread may run the IDL: ovsdbapp's loop computes what to poll for
+    without the connection lock, so a commit_block() elsewhere (which runs the IDL
+    too) can reconnect the session under it and leave it polling for a session that
+    is gone, deaf to the new one until something else wakes it (seen: a gateway's
+    agent hearing nothing for 30 s after an NB leader died during its write, while
+    its new session held the writer lock). ovsdbapp wakes its thread for a queued
+    job and runs do_commit() with the connection lock held.
+    """
+
+    commands: tuple = ()   # ovsdbapp's queue-full error reads it
+
+    def __init__(self, idl: ovs_idl.Idl, build: Callable[[ovs_idl.Transaction], None],
+                 done: Callable[[str], None] | None):
+        self.idl, self.build, self.done = idl, build, done
+        self.results: queue.Queue = queue.Queue(maxsize=1)
+
+    def do_commit(self) -> tuple[str, str | None]:
+        txn = ovs_idl.Transaction(self.idl)
+        self.build(txn)
+        status = txn.commit_block()
+        if self.done is not None:
+            self.done(status)
+        return status, txn.get_error()
+
+
 class Watcher:
     """One database: its IDL, the ovsdbapp connection thread and a lock on reads."""
 
@@ -220,6 +249,24 @@ class Watcher:
         """The changes noted since the last call (call with connection.lock held)."""
         changes, self.idl.changes = self.idl.changes, Changes(everything=False)
         return changes
+
+    def commit(self, build: Callable[[ovs_idl.Transaction], None],
+               done: Callable[[str], None] | None = None,
+               timeout: float | None = None) -> tuple[str, str | None]:
+        """Commit one transaction from the connection's thread (see _CommitJob):
+        `build(txn)` makes the changes and `done(status)` runs after the commit, both
+        there with the connection lock held. Returns (status, error text); status
+        "timed out" if no result came within `timeout` seconds (the job may still run).
+        """
+        job = _CommitJob(self.idl, build, done)
+        self.connection.queue_txn(job)
+        try:
+            result = job.results.get(timeout=timeout or self.connection.timeout)
+        except queue.Empty:
+            return "timed out", None
+        if isinstance(result, idlutils.ExceptionResult):
+            raise result.ex
+        return result
 
     @property
     def connected(self) -> bool:
@@ -475,9 +522,13 @@ def publish_installed(watcher: Watcher, chassis: str, text: str) -> bool | None:
             return None
         if row.external_ids.get(EXT_INSTALLED) == text:
             return True
-        txn = ovs_idl.Transaction(watcher.idl)
-        row.setkey("external_ids", EXT_INSTALLED, text)
-        status = txn.commit_block()
+
+    def build(txn: ovs_idl.Transaction) -> None:
+        # Looked up again: the row may have gone meanwhile (then nothing to write).
+        for r in watcher.rows("Chassis_Private"):
+            if r.name == chassis:
+                r.setkey("external_ids", EXT_INSTALLED, text)
+    status, _error = watcher.commit(build)
     if status in (ovs_idl.Transaction.SUCCESS, ovs_idl.Transaction.UNCHANGED):
         return True
     LOG.warning("could not publish %s on Chassis_Private %s: %s", EXT_INSTALLED, chassis,

@@ -126,3 +126,45 @@ def test_the_writer_logs_its_write_under_the_connection_lock(nb_server):
         writer_log.removeHandler(probe)
         writer_log.setLevel(old_level)
         watcher.stop()
+
+
+def test_only_the_connection_thread_runs_the_idl(nb_server):
+    """Writes are committed by the IDL's own thread: ovsdbapp's loop works out what to
+    poll for without the connection lock, so an IDL run from another thread (a
+    commit_block() in the agent's loop) could reconnect the session under it and leave
+    it polling a dead one. Seen in the clustered failover test: a gateway's agent that
+    heard nothing for 30 s after the NB leader died during its write."""
+    remote, nbctl = nb_server
+    subprocess.run([nbctl, f"--db={remote}", "lb-add", "lb1", "10.0.0.10:80",
+                    "10.0.1.2:8080", "--", "set", "load_balancer", "lb1",
+                    "options:stateless_mode=mac"], check=True, capture_output=True)
+    woken = threading.Event()
+    watcher = Watcher("nb", "OVN_Northbound", remote, NB_TABLES,
+                      lambda *_: woken.set(), lock_name=NB_LOCK)
+    runners: set[int] = set()
+    idl_run = watcher.idl.run
+
+    def recording_run():
+        runners.add(threading.get_ident())
+        return idl_run()
+    watcher.idl.run = recording_run
+    watcher.start()
+    try:
+        wait_until(lambda: watcher.has_lock, 20, 0.02, "the writer lock")
+        # ovsdbapp's start() ran the IDL in this thread until the first contents came,
+        # before its own thread existed: from here on, only that thread may.
+        runners.clear()
+        reader, writer = NbReader(watcher), NbWriter(watcher)
+        nb, _changed = reader.read(everything=True)
+        assert writer.reconcile(nb) == 1, writer.last_error
+        assert runners == {watcher.connection.thread.ident}
+        # And that thread still hears the server: a change made elsewhere arrives.
+        woken.clear()
+        subprocess.run([nbctl, f"--db={remote}", "set", "load_balancer", "lb1",
+                        "external_ids:probe=1"], check=True, capture_output=True)
+        wait_until(woken.is_set, 10, 0.02, "the change notice")
+        with watcher.connection.lock:
+            row = next(iter(watcher.idl.tables["Load_Balancer"].rows.values()))
+            assert row.external_ids.get("probe") == "1"
+    finally:
+        watcher.stop()
