@@ -200,7 +200,11 @@ class _CommitJob:
 
     def do_commit(self) -> tuple[str, str | None]:
         txn = ovs_idl.Transaction(self.idl)
-        self.build(txn)
+        try:
+            self.build(txn)
+        except BaseException:
+            txn.abort()   # else the IDL keeps it as open and refuses to run
+            raise
         status = txn.commit_block()
         if self.done is not None:
             self.done(status)

@@ -168,3 +168,25 @@ def test_only_the_connection_thread_runs_the_idl(nb_server):
             assert row.external_ids.get("probe") == "1"
     finally:
         watcher.stop()
+
+
+def test_a_failed_build_leaves_the_idl_running(nb_server):
+    """An exception while building a transaction reaches the caller, and the IDL (which
+    refuses to run while a transaction is open) goes on hearing the server."""
+    remote, nbctl = nb_server
+    woken = threading.Event()
+    watcher = Watcher("nb", "OVN_Northbound", remote, NB_TABLES, lambda *_: woken.set())
+    watcher.start()
+    try:
+        def broken(_txn):
+            raise ValueError("bad row")
+        with pytest.raises(ValueError, match="bad row"):
+            watcher.commit(broken)
+        woken.clear()
+        subprocess.run([nbctl, f"--db={remote}", "lb-add", "lb2", "10.0.0.20:80",
+                        "10.0.1.2:8080"], check=True, capture_output=True)
+        wait_until(woken.is_set, 10, 0.02, "the change notice")
+        with watcher.connection.lock:
+            assert [r.name for r in watcher.rows("Load_Balancer")] == ["lb2"]
+    finally:
+        watcher.stop()
