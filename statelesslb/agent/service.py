@@ -97,6 +97,7 @@ class Agent:
         # The plan installed last: a full re-read checks its group ids even when
         # OVS's group stats leave them out (see Ofctl.groups).
         self._recorded: specs.Plan | None = None
+        self._bundle_failed = False
         # LB uuids changed since the planner / the NB writer last looked (None: all).
         self._plan_changes: frozenset[str] | None = None
         self._writer_changes: frozenset[str] | None = None
@@ -377,7 +378,8 @@ class Agent:
                 self._installed = self.ofctl.read_state(
                     self.plan_config.cookie_prefix, *self.plan_config.group_range,
                     known_groups=known,
-                    bulk_ok=_largest_vip(nb_view) <= BULK_DUMP_MAX_BUCKETS)
+                    bulk_ok=_largest_vip(nb_view) <= BULK_DUMP_MAX_BUCKETS,
+                    thorough=self._bundle_failed)
                 self.status.last_full_sync = time.time()
                 touched_flows = touched_groups = None
                 clock.lap("read_bridge")
@@ -398,6 +400,7 @@ class Agent:
                 for line in lines:
                     LOG.debug("  %s", line)
             self._noticed_at = None
+            self._bundle_failed = False
             diff.record(plan, self._installed, touched_flows, touched_groups)
             self._recorded = plan
             if touched_flows is None or len(update.lbs or ()) > 1000:
@@ -411,6 +414,7 @@ class Agent:
             LOG.warning("OpenFlow update failed, will re-read and retry: %s", exc)
             self.status.last_error = str(exc)
             self._installed = None
+            self._bundle_failed = True   # the re-read checks every known group
             self._schedule_retry(0.2)
 
     def _acknowledge(self, plan: specs.Plan, snapshot: Snapshot) -> None:

@@ -125,7 +125,7 @@ class Ofctl:
         return _listed_ids(self.group_stats())
 
     def groups(self, id_min: int, id_max: int, known: Iterable[int] = (),
-               bulk_ok: bool = False) -> dict[int, InstalledGroup]:
+               bulk_ok: bool = False, thorough: bool = False) -> dict[int, InstalledGroup]:
         """Our groups, each dumped on its own: the ids group stats list, plus `known`.
 
         Not `dump-groups` for the whole bridge unless safe: OVS 3.1 asserts and dies
@@ -136,9 +136,14 @@ class Ofctl:
 
         `bulk_ok` (the caller knows no LB in the NB has more than BULK_DUMP_MAX_BUCKETS
         backends per VIP): one bridge-wide dump instead, if the group stats also show
-        every group on the bridge with at most that many buckets and list every `known`
-        id in range. One process instead of one per group: a full read of 4,000 groups
-        took 15 s one by one (docs/scale.md).
+        every group on the bridge with at most that many buckets. One process instead
+        of one per group: a full read of 4,000 groups took 15 s one by one, and 10,000
+        `known` ids not on the bridge yet (an agent's first start with its LBs in the
+        NB, or the rebuild after ovn-controller wiped br-int) 40 s (docs/scale.md).
+        No group of that size, no truncated listing: an id missing from it is absent.
+        `thorough` (the caller's last bundle failed, maybe adding a group that was
+        there after all): also require the stats to list every `known` id in range,
+        else read them one by one.
         """
         known = set(known)
         if bulk_ok:
@@ -146,8 +151,8 @@ class Ofctl:
             listed = _listed_ids(stats)
             largest = max((len(_STATS_BUCKET_RE.findall(line))
                            for line in stats.splitlines()), default=0)
-            if largest <= BULK_DUMP_MAX_BUCKETS and all(
-                    g in listed for g in known if id_min <= g <= id_max):
+            if largest <= BULK_DUMP_MAX_BUCKETS and (not thorough or all(
+                    g in listed for g in known if id_min <= g <= id_max)):
                 return parse_groups(self.run("dump-groups"), id_min, id_max)
             LOG.info("group stats list a group of %d buckets, or not every group: "
                      "dumping ours one by one", largest)
@@ -182,10 +187,11 @@ class Ofctl:
         return self.run("dump-group-stats")
 
     def read_state(self, cookie_prefix: int, id_min: int, id_max: int,
-                   known_groups: Iterable[int] = (), bulk_ok: bool = False) -> InstalledState:
+                   known_groups: Iterable[int] = (), bulk_ok: bool = False,
+                   thorough: bool = False) -> InstalledState:
         return InstalledState(
             flows=self.our_flow_cookies(cookie_prefix),
-            groups=self.groups(id_min, id_max, known_groups, bulk_ok),
+            groups=self.groups(id_min, id_max, known_groups, bulk_ok, thorough),
         )
 
     def bundle(self, lines: list[str]) -> None:
