@@ -10,6 +10,7 @@ One gateway and one hypervisor with 16 VMs and an agent on each, N stateless LBs
   writer's state, the planner's state and plan, and the installed-state record.
 
     .venv/bin/python bench/scale_profile.py --size 4000 [--py-spy /path/to/py-spy]
+        [--chassis hv1]   # sample hv1's agent during the install instead
 """
 
 from __future__ import annotations
@@ -143,6 +144,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=4000)
     ap.add_argument("--py-spy", default=None)
+    ap.add_argument("--chassis", default="gw1", choices=("gw1", "hv1"),
+                    help="whose agent py-spy samples during the first install (hv1: the "
+                         "chassis of all 16 backends)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default="/tmp/slb-scale-profile")
     ap.add_argument("--log", action="store_true", help="print the restarted agent's log")
@@ -154,14 +158,15 @@ def main() -> None:
         gw = sb.chassis["gw1"]
         backends = [f"{vm.ip}:8080" for vm in topo.vms]
         pid = sb.agents["gw1"]["pid"]
-        prof = profiled(args.py_spy, pid, out / "install.txt")
+        prof = profiled(args.py_spy, sb.agents[args.chassis]["pid"], out / "install.txt")
         start = time.monotonic()
         create(sb, "s", n, backends, True, 20)
         created = time.monotonic() - start
         wait_until(lambda: group_count(gw, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF) >= n,
                    1800, 0.2, f"{n} stateless groups on gw1")
         install = time.monotonic() - start
-        stop_profile(prof, out / "install.txt", "first install", args.top)
+        stop_profile(prof, out / "install.txt", f"first install, {args.chassis}'s agent",
+                     args.top)
         time.sleep(2)
         status = json.loads(sandbox_agents.agent_ctl(sb, "gw1", "status"))
         print(f"\nfirst install {install:.2f} s (nbctl {created:.2f} s); "

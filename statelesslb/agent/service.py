@@ -94,8 +94,9 @@ class Agent:
         self._layout_stale = True
         self._layout: TableLayout | None = None
         self._installed: InstalledState | None = None
-        # The plan installed last: a full re-read checks its group ids even when
-        # OVS's group stats leave them out (see Ofctl.groups).
+        # The plan installed last: a full re-read where the one bridge-wide dump is not
+        # trusted checks its group ids even when OVS's group stats leave them out (see
+        # Ofctl.groups); after a failed bundle, the next read does so in any case.
         self._recorded: specs.Plan | None = None
         self._bundle_failed = False
         # LB uuids changed since the planner / the NB writer last looked (None: all).

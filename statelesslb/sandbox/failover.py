@@ -103,6 +103,10 @@ class Change:
     superseded: bool = False       # a later change of the same LB came first
 
 
+# Seconds the churn's ovn-nbctl waits for a commit before it gives up and tries again.
+CHURN_NBCTL_TIMEOUT = 5
+
+
 class Churner(threading.Thread):
     """Change one backend of one LB every 1/rate seconds, round robin over c0..c<lbs-1>
     (bench/churn.py's rate). Each visit of an LB leaves out the next backend but the
@@ -148,8 +152,11 @@ class Churner(threading.Thread):
             while True:
                 attempts += 1
                 try:
+                    # 5 s: after a leader's death ovn-nbctl sometimes waited out its whole
+                    # timeout (20 s, then) before trying again; a CMS retries sooner.
                     self.sb.nbctl("set", "load_balancer", name,
-                                  f'vips:"{vip_of(i)}"="{",".join(members)}"', timeout=20)
+                                  f'vips:"{vip_of(i)}"="{",".join(members)}"',
+                                  timeout=CHURN_NBCTL_TIMEOUT)
                     break
                 except CommandError as exc:
                     # ovn-nbctl gave up (it tried the dead leader, or no leader came

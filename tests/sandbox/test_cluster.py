@@ -69,7 +69,8 @@ def test_leader_and_writer_failover_under_churn(sandbox: Sandbox, topo: Topology
         writer = run.kill_writer_agent()
         time.sleep(1.0)
         result = run.finish()
-    print(f"NB {nb}\nSB {sb}\nwriter {writer}")   # pytest -s shows the figures
+    print(f"NB {nb}\nSB {sb}\nwriter {writer}\n"   # pytest -s shows the figures
+          f"churn: {result['changes']} changes, {result['retried']} ovn-nbctl retries")
     assert nb["new_leader"] != nb["killed"] and sb["new_leader"] != sb["killed"]
     # Every kill was followed by convergence (kill_* wait for it), with changes
     # committed after it: the churn went on through every failover.
