@@ -57,8 +57,8 @@ def main() -> None:
                       f"holds the lock after {r['no_writer'] * 1000:.0f} ms (no writer "
                       f"meanwhile); converged after {_s(r['converged'])} (worst change "
                       f"latency {_s(r['worst_latency'])}); ids changed: "
-                      f"{len(r['ids_changed'])} {r['ids_changed'][:3]}; agent restarted "
-                      f"in {_s(r.get('restarted'))}")
+                      f"{len(r['ids_changed'])} {r['ids_changed'][:3]}; agent running again "
+                      f"{_s(r.get('restarted'))} after the kill")
             time.sleep(args.warmup)
             res = run.finish()
         ms = [v * 1000 for v in res["latencies"]]

@@ -177,10 +177,12 @@ class Agent:
             lock_name=NB_LOCK if conf.statelesslb.nb_writer else None,
             max_backoff=conf.ovn.ovsdb_max_backoff,
         )
+        # Any SB member, as ovn-controller does: no lock is taken there, and a writer
+        # on a follower has its transaction forwarded to the leader.
         self.sb = watchers.Watcher(
             "sb", "OVN_Southbound", sb_remote, watchers.SB_TABLES,
             self._on_change, timeout=conf.ovn.ovsdb_timeout,
-            max_backoff=conf.ovn.ovsdb_max_backoff,
+            max_backoff=conf.ovn.ovsdb_max_backoff, leader_only=False,
         )
         self.nb.start()
         self.sb.start()

@@ -224,13 +224,14 @@ class Watcher:
         timeout: int = 60,
         lock_name: str | None = None,
         max_backoff: float | None = None,
+        leader_only: bool = True,
     ):
         helper = _schema_helper(schema, remote)
         known = helper.schema_json["tables"]
         for table, columns in tables.items():
             present = [c for c in columns if c in known[table]["columns"]]
             helper.register_columns(table, present)
-        self.idl = WatchedIdl(source, remote, helper, on_change)
+        self.idl = WatchedIdl(source, remote, helper, on_change, leader_only=leader_only)
         if max_backoff is not None:
             # python-ovs: at least 1 s between attempts after the free ones (one per remote).
             self.idl._session.reconnect.set_backoff(1000, int(max_backoff * 1000))

@@ -103,6 +103,10 @@ class Change:
     superseded: bool = False       # a later change of the same LB came first
 
 
+# Seconds from a writer agent's kill to its restart (systemd/statelesslb-agent.service's
+# RestartSec).
+RESTART_SEC = 2.0
+
 # Seconds the churn's ovn-nbctl waits for a commit before it gives up and tries again.
 CHURN_NBCTL_TIMEOUT = 5
 
@@ -518,7 +522,8 @@ class FailoverRun:
 
     def kill_writer_agent(self, restart: bool = True) -> dict[str, object]:
         """SIGKILL the agent holding the NB writer lock; time until another holds it and
-        until changes converge again; bucket and VIP ids must not change."""
+        until changes converge again (with `restart`, its agent starts again RESTART_SEC
+        after the kill, as under systemd); bucket and VIP ids must not change."""
         from statelesslb.sandbox import agents as sandbox_agents
 
         assert self.tracker is not None
@@ -539,6 +544,14 @@ class FailoverRun:
             lambda: lock_history(self.sb, self.deaths).first_held_after(t_kill),
             self.timeout, 0.02, "another agent to take the NB writer lock")
         new_holder, t_taken = taken
+        restarted = None
+        if restart:
+            # As systemd would (Restart=on-failure, RestartSec=2s): a backend chassis
+            # without its agent acknowledges nothing, and the new writer holds the
+            # gateways back for it up to ack_timeout (30 s) by design.
+            time.sleep(max(0.0, t_kill + RESTART_SEC - time.time()))
+            sandbox_agents.start_agent(self.sb, self.sb.chassis[holder], debug=False)
+            restarted = time.time() - t_kill
         conv = self._wait_converged(t_kill)
         ids_after = nb_ids(self.sb)
         out: dict[str, object] = {
@@ -547,10 +560,8 @@ class FailoverRun:
             "ids_changed": changed_ids(ids_before, ids_after, self.churner.snapshot(),
                                        t_ids)}
         if restart:
-            t0 = time.time()
-            sandbox_agents.start_agent(self.sb, self.sb.chassis[holder], debug=False)
             sandbox_agents.wait_agents_ready(self.sb, self.timeout)
-            out["restarted"] = time.time() - t0
+            out["restarted"] = restarted   # seconds from the kill to its new agent running
         LOG.info("writer agent kill: %s", out)
         return out
 
