@@ -96,12 +96,17 @@ def nb_server(require):
         shutil.rmtree(run, ignore_errors=True)
 
 
-def test_the_writer_logs_its_write_under_the_connection_lock(nb_server):
-    remote, nbctl = nb_server
-    # A marked LB on no router: the writer writes its error status.
+def add_marked_lb(nbctl: str, remote: str) -> None:
+    """lb1, marked stateless, on no router (the writer writes an error status for it)."""
     subprocess.run([nbctl, f"--db={remote}", "lb-add", "lb1", "10.0.0.10:80",
                     "10.0.1.2:8080", "--", "set", "load_balancer", "lb1",
                     "options:stateless_mode=mac"], check=True, capture_output=True)
+
+
+def test_the_writer_logs_its_write_under_the_connection_lock(nb_server):
+    remote, nbctl = nb_server
+    # A marked LB on no router: the writer writes its error status.
+    add_marked_lb(nbctl, remote)
     watcher = Watcher("nb", "OVN_Northbound", remote, NB_TABLES, lambda *_: None,
                       lock_name=NB_LOCK)
     lock = OwnedLock()
@@ -135,9 +140,7 @@ def test_only_the_connection_thread_runs_the_idl(nb_server):
     it polling a dead one. Seen in the clustered failover test: a gateway's agent that
     heard nothing for 30 s after the NB leader died during its write."""
     remote, nbctl = nb_server
-    subprocess.run([nbctl, f"--db={remote}", "lb-add", "lb1", "10.0.0.10:80",
-                    "10.0.1.2:8080", "--", "set", "load_balancer", "lb1",
-                    "options:stateless_mode=mac"], check=True, capture_output=True)
+    add_marked_lb(nbctl, remote)
     woken = threading.Event()
     watcher = Watcher("nb", "OVN_Northbound", remote, NB_TABLES,
                       lambda *_: woken.set(), lock_name=NB_LOCK)
