@@ -77,6 +77,11 @@ def group_count(chassis, low: int, high: int) -> int:
     return sum(1 for i in ids if low <= i <= high)
 
 
+def stateless_group_count(chassis) -> int:
+    """Our LB groups on the chassis (the VIP-id range; not the previous-set groups)."""
+    return group_count(chassis, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF)
+
+
 # -- LBs in bulk -----------------------------------------------------------------------
 
 

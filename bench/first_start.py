@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import re
 import time
-from datetime import datetime
 from pathlib import Path
 
-from common import cpu_seconds, create, group_count, running_sandbox
+from common import cpu_seconds, create, running_sandbox, stateless_group_count
 
 from statelesslb.sandbox.agents import start_agent
+from statelesslb.sandbox.failover import log_time
 from statelesslb.sandbox.processes import wait_until
-from statelesslb.sandbox.traffic import GROUP_BASE
 
 _LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \d+ \w+ \S+ (.*)")
 _TIMELINE = ("written", "applied", "changed status", "lock acquired", "started on")
@@ -43,8 +42,8 @@ def main() -> None:
         t0 = time.time()
         for name in ("gw1", "hv1"):
             start_agent(sb, sb.chassis[name], debug=False, resync=3600.0)
-        wait_until(lambda: group_count(gw, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF) >= args.lbs,
-                   1800, 0.5, f"{args.lbs} groups on gw1")
+        wait_until(lambda: stateless_group_count(gw) >= args.lbs, 1800, 0.5,
+                   f"{args.lbs} groups on gw1")
         print(f"all {args.lbs} groups on gw1 {time.time() - t0:.1f} s after the agents' "
               "start", flush=True)
         for name in ("gw1", "hv1"):
@@ -53,7 +52,7 @@ def main() -> None:
             for line in log.read_text(errors="replace").splitlines():
                 m = _LINE.match(line)
                 if m and any(word in m.group(2) for word in _TIMELINE):
-                    at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    at = log_time(m.group(1))
                     print(f"  {at - t0:7.2f} s  {m.group(2)[:120]}")
 
 

@@ -33,9 +33,9 @@ from common import (
     cpu_seconds,
     create,
     delete,
-    group_count,
     rss_mib,
     running_sandbox,
+    stateless_group_count,
 )
 
 from statelesslb.sandbox.agents import agent_ctl, start_agent, stop_agent
@@ -92,7 +92,7 @@ def main() -> None:
             start = time.monotonic()
             create(sb, "s", n, backends, True, 20)
             created = time.monotonic() - start
-            wait_until(lambda n=n: group_count(gw, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF) >= n,
+            wait_until(lambda n=n: stateless_group_count(gw) >= n,
                        900, 0.2, f"{n} stateless groups on gw1")
             install = time.monotonic() - start
             during = {"gw1 agent": cpu_seconds(agent) - cpu0} | {
@@ -113,7 +113,7 @@ def main() -> None:
             hv_rss = rss_mib(sb.agents["hv1"]["pid"])   # the backends' chassis, for the record
             resync = restart_resync(sb, gw, n)
             delete(sb, "s", n)
-            wait_until(lambda: group_count(gw, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF) == 0,
+            wait_until(lambda: stateless_group_count(gw) == 0,
                        900, 0.2, "stateless groups removed")
             # -- native ----------------------------------------------------------
             cpu1 = cpu_seconds(controller)

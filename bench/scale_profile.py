@@ -25,13 +25,12 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from common import create, group_count, rss_mib, running_sandbox
+from common import create, rss_mib, running_sandbox, stateless_group_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from statelesslb.sandbox import agents as sandbox_agents  # noqa: E402
 from statelesslb.sandbox.processes import wait_until  # noqa: E402
-from statelesslb.sandbox.traffic import GROUP_BASE  # noqa: E402
 
 
 def summarize(raw: Path, top: int) -> str:
@@ -162,7 +161,7 @@ def main() -> None:
         start = time.monotonic()
         create(sb, "s", n, backends, True, 20)
         created = time.monotonic() - start
-        wait_until(lambda: group_count(gw, GROUP_BASE, GROUP_BASE + 0x0FFFFFFF) >= n,
+        wait_until(lambda: stateless_group_count(gw) >= n,
                    1800, 0.2, f"{n} stateless groups on gw1")
         install = time.monotonic() - start
         stop_profile(prof, out / "install.txt", f"first install, {args.chassis}'s agent",

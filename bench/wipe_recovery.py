@@ -20,13 +20,10 @@ import statistics
 import threading
 import time
 
-from common import create, group_count, running_sandbox
+from common import create, running_sandbox, stateless_group_count
 
 from statelesslb.sandbox.agents import agent_ctl
 from statelesslb.sandbox.processes import CommandError, wait_until
-from statelesslb.sandbox.traffic import GROUP_BASE
-
-GROUP_HIGH = GROUP_BASE + 0x0FFFFFFF
 
 
 class Watch(threading.Thread):
@@ -45,7 +42,7 @@ class Watch(threading.Thread):
             try:
                 if self.flows_back is None and "actions=" in self.gw.dump_flows("table=0"):
                     self.flows_back = time.monotonic() - self.t0
-                count = group_count(self.gw, GROUP_BASE, GROUP_HIGH)
+                count = stateless_group_count(self.gw)
             except CommandError:
                 count = 0   # ovs-vswitchd down
             self.lowest = min(self.lowest, count)
@@ -63,10 +60,10 @@ def main() -> None:
         gw = sb.chassis["gw1"]
         backends = [f"{vm.ip}:8080" for vm in topo.vms]
         create(sb, "s", args.lbs, backends, True, 20)
-        wait_until(lambda: group_count(gw, GROUP_BASE, GROUP_HIGH) >= args.lbs, 900, 0.2,
+        wait_until(lambda: stateless_group_count(gw) >= args.lbs, 900, 0.2,
                    f"{args.lbs} groups on gw1")
         print(f"{args.lbs} stateless LBs installed on gw1", flush=True)
-        results: dict[str, list[tuple[float, float, dict]]] = {}
+        results: dict[str, list[tuple[float, float]]] = {}
         for _ in range(args.rounds):
             for how, restart in (("ovs-vswitchd restarted", gw.restart_vswitchd),
                                  ("ovn-controller restarted", gw.restart_ovn_controller)):
@@ -83,7 +80,7 @@ def main() -> None:
                       f"{groups:.2f} s (lowest count seen {watch.lowest}); agent laps ms: "
                       f"read_bridge {laps.get('read_bridge', 0):.0f}, "
                       f"bundle {laps.get('bundle', 0):.0f}", flush=True)
-                results.setdefault(how, []).append((flows, groups, laps))
+                results.setdefault(how, []).append((flows, groups))
         print(f"\n{args.lbs} LBs, median of {args.rounds}:")
         for how, rows in results.items():
             print(f"  {how:26s} OVN's flows {statistics.median(r[0] for r in rows):6.2f} s, "

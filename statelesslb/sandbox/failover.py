@@ -277,7 +277,8 @@ def convergence(changes: list[Change], t_kill: float) -> dict[str, float | None]
 DEATH_SLACK = 0.005
 
 
-def _log_time(text: str) -> float:
+def log_time(text: str) -> float:
+    """An agent log line's timestamp (its logging format) as time.time()."""
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
@@ -346,11 +347,11 @@ def lock_history(sb: Sandbox, deaths: dict[str, list[float]] | None = None,
         for line in log.read_text(errors="replace").splitlines():
             m = _LOCK_RE.match(line)
             if m:
-                events.append((_log_time(m.group(1)), m.group(2) == "held"))
+                events.append((log_time(m.group(1)), m.group(2) == "held"))
                 continue
             m = _WRITE_RE.match(line)
             if m:
-                writes.append(_log_time(m.group(1)))
+                writes.append(log_time(m.group(1)))
         intervals = []
         start: float | None = None
         for t, held in events:
