@@ -38,7 +38,9 @@ class Watch(threading.Thread):
 
     def run(self) -> None:
         deadline = self.t0 + 600
-        while time.monotonic() < deadline and self.groups_back is None:
+        # Until both are known: with few LBs our groups can be back before OVN's flows.
+        while time.monotonic() < deadline and (self.groups_back is None
+                                               or self.flows_back is None):
             try:
                 if self.flows_back is None and "actions=" in self.gw.dump_flows("table=0"):
                     self.flows_back = time.monotonic() - self.t0
@@ -46,7 +48,7 @@ class Watch(threading.Thread):
             except CommandError:
                 count = 0   # ovs-vswitchd down
             self.lowest = min(self.lowest, count)
-            if self.lowest < self.n and count >= self.n:
+            if self.groups_back is None and self.lowest < self.n and count >= self.n:
                 self.groups_back = time.monotonic() - self.t0
             time.sleep(0.05)
 
