@@ -87,6 +87,7 @@ class WatchedIdl(connection.OvsdbIdl):
         self._seqno = None
         self._was_connected = False
         self._held = False
+        self._notified = False
         self.changes = Changes()
 
     def notify(self, event, row, updates=None):
@@ -106,7 +107,7 @@ class WatchedIdl(connection.OvsdbIdl):
                 known.update(old)
         if self.changes.first_at is None:
             self.changes.first_at = time.monotonic()
-        self._on_change(self.source, False)
+        self._notified = True   # run() wakes the agent once for all of its rows
 
     def cooperative_yield(self):
         # ovsdbapp sleeps(0) per row for eventlet's sake; the agent uses real threads.
@@ -114,7 +115,12 @@ class WatchedIdl(connection.OvsdbIdl):
 
     def run(self):
         monitoring_before = self.state == self.IDL_S_MONITORING
-        changed = super().run()
+        try:
+            changed = super().run()
+        finally:
+            if self._notified:
+                self._notified = False
+                self._on_change(self.source, False)
         if not monitoring_before and self.state == self.IDL_S_MONITORING:
             # A monitor reply just (re)filled the copy, maybe after clearing it
             # without a delete notice per row: only a full re-read is safe.
