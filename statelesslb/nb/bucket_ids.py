@@ -445,10 +445,12 @@ def _desired_ids(
     }
     active_text = json.dumps(active, sort_keys=True, separators=(",", ":"))
     stored_active = ext.get(EXT_ACTIVE)
-    old = parse_active(stored_active)
     previous = parse_previous(ext.get(EXT_PREVIOUS))
     outlook = _NO_OUTLOOK
-    if stored_active == active_text:
+    in_place = stored_active == active_text   # as after each write of ours
+    # The stored set is read only when it is to be replaced.
+    old = {} if in_place else parse_active(stored_active)
+    if in_place:
         # In place. While the previous set is in force, say who does not hold it.
         if previous is not None and valid.second_chance and now < previous[0] + valid.window:
             state = _ack_state(lb, valid, previous, phases)
