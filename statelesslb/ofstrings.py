@@ -47,7 +47,8 @@ UINT32_MAX = 0xFFFFFFFF
 
 def is_plain_int(value: object) -> bool:
     """True for a real int (bool is an int subclass but never a valid key)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    # The exact type first: called for every id and key a pass reads.
+    return type(value) is int or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def hex_int(value: int, maximum: int = UINT32_MAX) -> str:

@@ -63,9 +63,13 @@ def plan_backends(
     # Switch datapath key -> its router port's MAC, from every VIP's backends first:
     # a backend only in a previous set may sit on a switch another VIP uses.
     router_macs: dict[int, str] = {}
+    # Each switch's key looked up once: an LB's backends mostly share one or two.
+    switch_dps: dict[str, int | None] = {}
     for vip in valid.vips:
         for backend in vip.backends:
-            switch_dp = usable_datapath_key(sb, backend.switch_uuid)
+            if backend.switch_uuid not in switch_dps:
+                switch_dps[backend.switch_uuid] = usable_datapath_key(sb, backend.switch_uuid)
+            switch_dp = switch_dps[backend.switch_uuid]
             if switch_dp is not None:
                 router_macs.setdefault(switch_dp, backend.router_port_mac)
     for vip in valid.vips:
@@ -76,7 +80,7 @@ def plan_backends(
                 out.pending.append(
                     f"no usable SB port binding for backend port {show(backend.lsp_name)} yet")
                 continue
-            switch_dp = usable_datapath_key(sb, backend.switch_uuid)
+            switch_dp = switch_dps[backend.switch_uuid]
             if switch_dp is None or binding.datapath_key != switch_dp:
                 out.pending.append(
                     f"no usable SB datapath for the switch of {show(backend.lsp_name)} yet")

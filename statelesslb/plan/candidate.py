@@ -48,11 +48,13 @@ class Candidate:
     self_conflict: str | None = None
 
     def add_flow(self, flow: FlowSpec, vip_key: str) -> None:
-        known = self.flows.get(flow.key)
-        if known is not None and known[0] is not flow and known[0] != flow:
+        key = flow.key
+        known = self.flows.get(key)
+        if known is None:
+            self.flows[key] = (flow, vip_key)
+        elif known[0] is not flow and known[0] != flow:
             # validate_lb should rule this out (one backend port per VIP).
             self.self_conflict = f"VIPs {known[1]} and {vip_key} need clashing flows"
-        self.flows.setdefault(flow.key, (flow, vip_key))
         self.vip_keys.add(vip_key)
 
 

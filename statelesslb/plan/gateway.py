@@ -79,11 +79,16 @@ def plan_gateway(
     # Every backend's router port, drained ones too (affinity keeps their flows); a
     # stand-in borrows the port of a backend listed under some VIP.
     rp_keys: dict[str, int] = {}
+    looked_up: set[str] = set()   # the backends of an LB mostly share one router port
     for vip in valid.vips:
         for backend in vip.backends:
-            binding = usable_binding(sb, backend.router_port_name)
+            name = backend.router_port_name
+            if name in looked_up:
+                continue
+            looked_up.add(name)
+            binding = usable_binding(sb, name)
             if binding is not None and binding.datapath_key == router_dp:
-                rp_keys[backend.router_port_name] = binding.tunnel_key
+                rp_keys[name] = binding.tunnel_key
     groups = []
     for vip in valid.vips:
         buckets = {}

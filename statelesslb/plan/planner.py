@@ -297,9 +297,10 @@ class _Merged:
                     self.conflicted.add(lb.uuid)
                 self.statuses[lb.uuid] = _conflict_status(name, conflict)
                 continue
-            for key, (flow, _vip) in sorted(candidate.flows.items()):
+            # Keys are unique within a candidate: no order to keep here.
+            for key, (flow, _vip) in candidate.flows.items():
                 flow_owner.setdefault(key, (flow, owner))
-            for group_id, (_group, _vip) in sorted(candidate.groups.items()):
+            for group_id in candidate.groups:
                 group_owner.setdefault(group_id, owner)
             self._add(lb.uuid, candidate)
             self.statuses[lb.uuid] = _accepted_status(name, candidate)
@@ -522,13 +523,22 @@ def _find_conflict(
     group_owner: Mapping[int, _Owner],
 ) -> str | None:
     """Why `candidate` cannot join what is accepted so far, or None."""
-    for key, (flow, vip_key) in sorted(candidate.flows.items()):
-        accepted = flow_owner.get(key)
-        if accepted is not None and accepted[0] != flow:
+    # Most flows are shared objects (a backend's, in every LB it serves): identity
+    # first. In key order only when something clashes, to name the same clash each time.
+    def clash(flow: FlowSpec, vip_key: str) -> str | None:
+        accepted = flow_owner.get(flow.key)
+        if accepted is not None and accepted[0] is not flow and accepted[0] != flow:
             return f"VIP {vip_key} conflicts with {accepted[1].describe()}"
         same_cookie = flows.get(flow.cookie)
-        if same_cookie is not None and same_cookie != flow:
+        if same_cookie is not None and same_cookie is not flow and same_cookie != flow:
             return f"VIP {vip_key}: flow cookie {flow.cookie:#x} collides with another flow"
+        return None
+
+    if any(clash(flow, vip_key) for flow, vip_key in candidate.flows.values()):
+        for _key, (flow, vip_key) in sorted(candidate.flows.items()):
+            found = clash(flow, vip_key)
+            if found:
+                return found
     for group_id, (group, vip_key) in sorted(candidate.groups.items()):
         accepted_group = groups.get(group_id)
         if accepted_group is not None and accepted_group != group:
