@@ -398,8 +398,9 @@ class Agent:
                 self.status.last_apply_ms = clock.laps
                 self.status.bundles_applied += 1
                 self.status.last_apply = time.time()
-                LOG.info("applied %d OpenFlow changes (%d flows, %d groups expected)",
-                         len(lines), len(plan.flows), len(plan.groups))
+                LOG.info("applied %d OpenFlow changes (%d flows, %d groups expected); "
+                         "ms: %s", len(lines), len(plan.flows), len(plan.groups),
+                         _LapsText(clock.laps))
                 for line in lines:
                     LOG.debug("  %s", line)
             self._noticed_at = None
@@ -553,6 +554,18 @@ class _PhaseClock:
         self.laps[phase] = round((now - self._last) * 1000, 2)
         self.laps["total"] = round((now - self._start) * 1000, 2)
         self._last = now
+
+
+class _LapsText:
+    """An iteration's laps as `read_nb 1.2, plan 3.4, ...`, formatted only if logged."""
+
+    def __init__(self, laps: dict[str, float]) -> None:
+        self.laps = laps
+
+    def __str__(self) -> str:
+        laps = {k: v for k, v in self.laps.items() if k != "total"}
+        laps["total"] = self.laps.get("total", 0.0)   # last, whatever the order
+        return ", ".join(f"{phase} {ms:g}" for phase, ms in laps.items())
 
 
 def _largest_vip(nb_view) -> int:
