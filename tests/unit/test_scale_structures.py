@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from statelesslb.nb.bucket_ids import _Blocked, allocate_ids
+from statelesslb.nb.parse import parse_ip
 from statelesslb.nb.topology import Dependents
 from statelesslb.openflow.diff import _PlannedBuckets, want_buckets
 from statelesslb.openflow.ofctl import parse_groups
@@ -200,3 +203,17 @@ def test_lbs_sharing_a_backend_share_its_resolution_only_where_it_is_the_same():
     for name in "abcd":
         fresh = validate_lb(topo.lb(name), nb, index_topology(nb))
         assert fresh.vips[0].backends[0] == backend[name]
+
+
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)))
+def test_parsed_addresses_behave_as_ipaddress_ones(plain):
+    """The cached hash and text of parse_ip's addresses are the ipaddress ones: an
+    address parsed from the NB and one built elsewhere meet in the same dict entry."""
+    text = str(plain)
+    parsed = parse_ip(text)
+    assert parsed == plain and hash(parsed) == hash(plain)
+    assert str(parsed) == text and repr(parsed) == repr(plain)
+    assert {plain: 1}[parsed] == 1 and sorted([parsed, plain]) == [plain, plain]
+    if plain.version == 4:
+        assert parse_ip(text + ":80") is None   # an endpoint is not a bare address
+        assert parse_ip("::ffff:" + text) == ipaddress.IPv6Address("::ffff:" + text)
