@@ -10,12 +10,8 @@ before its server died could show after the IDL's thread had logged the lock los
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -23,8 +19,6 @@ from statelesslb.agent.nb_writer import NbWriter
 from statelesslb.agent.service import NB_LOCK
 from statelesslb.agent.watchers import NB_TABLES, NbReader, Watcher
 from statelesslb.sandbox.processes import wait_until
-
-SCHEMA = "/usr/share/ovn/ovn-nb.ovsschema"
 
 
 class OwnedLock:
@@ -69,31 +63,6 @@ class LockProbe(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if "LBs written" in record.getMessage():
             self.writes.append(self.connection_lock.owner == threading.get_ident())
-
-
-@pytest.fixture
-def nb_server(require):
-    tools = {t: shutil.which(t) for t in ("ovsdb-tool", "ovsdb-server", "ovn-nbctl")}
-    require(all(tools.values()) and os.path.exists(SCHEMA),
-            "needs ovsdb-server, ovsdb-tool (openvswitch-switch) and ovn-nbctl (ovn-central)")
-    run = Path(tempfile.mkdtemp(prefix="slb-nbw-", dir="/tmp"))
-    server = None
-    try:
-        subprocess.run([tools["ovsdb-tool"], "create", f"{run}/nb.db", SCHEMA], check=True)
-        server = subprocess.Popen(
-            [tools["ovsdb-server"], f"{run}/nb.db", f"--remote=punix:{run}/nb.sock",
-             f"--unixctl={run}/nb.ctl", "--no-chdir", "-vconsole:off"])
-        wait_until(lambda: os.path.exists(f"{run}/nb.sock"), 10, 0.02, "ovsdb-server")
-        yield f"unix:{run}/nb.sock", tools["ovn-nbctl"]
-    finally:
-        if server is not None:
-            server.terminate()
-            try:
-                server.wait(5)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-        shutil.rmtree(run, ignore_errors=True)
 
 
 def add_marked_lb(nbctl: str, remote: str) -> None:
