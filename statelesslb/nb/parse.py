@@ -35,19 +35,20 @@ ADDRESS_KEYWORDS = frozenset({"unknown", "router", "dynamic"})
 # Addresses that hash once
 
 
-class _HashedIPv4Address(IPv4Address):
-    """An IPv4Address whose hash and text are computed once. Addresses key the topology
-    index and every LB's dependency sets, hashed tens of times per LB in a pass, and
-    are formatted for every health lookup; `ipaddress` formats the address anew for
-    each (8% of a gateway agent's time in a large install, docs/scale.md). Equal, and
-    equal in hash and text, to a plain IPv4Address."""
+class _HashedOnce:
+    """An `ipaddress` address whose hash and text are computed once. Addresses key the
+    topology index and every LB's dependency sets, hashed tens of times per LB in a
+    pass, and are formatted for every health lookup; `ipaddress` formats the address
+    anew for each (8% of a gateway agent's time in a large install, docs/scale.md).
+    Equal, and equal in hash, text and order, to the plain address (`_plain`)."""
 
-    __slots__ = ("_hash", "_text")
+    __slots__ = ()
+    _plain: type
 
     def __init__(self, address: object) -> None:
-        super().__init__(address)
-        self._hash = IPv4Address.__hash__(self)
-        self._text = IPv4Address.__str__(self)
+        self._plain.__init__(self, address)
+        self._hash = self._plain.__hash__(self)
+        self._text = self._plain.__str__(self)
 
     def __hash__(self) -> int:
         return self._hash
@@ -56,27 +57,17 @@ class _HashedIPv4Address(IPv4Address):
         return self._text
 
     def __repr__(self) -> str:
-        return f"IPv4Address({str(self)!r})"
+        return f"{self._plain.__name__}({self._text!r})"
 
 
-class _HashedIPv6Address(IPv6Address):
-    """_HashedIPv4Address for IPv6."""
-
+class _HashedIPv4Address(_HashedOnce, IPv4Address):
     __slots__ = ("_hash", "_text")
+    _plain = IPv4Address
 
-    def __init__(self, address: object) -> None:
-        super().__init__(address)
-        self._hash = IPv6Address.__hash__(self)
-        self._text = IPv6Address.__str__(self)
 
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __str__(self) -> str:
-        return self._text
-
-    def __repr__(self) -> str:
-        return f"IPv6Address({str(self)!r})"
+class _HashedIPv6Address(_HashedOnce, IPv6Address):
+    __slots__ = ("_hash", "_text")
+    _plain = IPv6Address
 
 
 # ---------------------------------------------------------------------------
