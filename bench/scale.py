@@ -64,7 +64,9 @@ def main() -> None:
     ap.add_argument("--nice-hv1", type=int, default=0, metavar="N",
                     help="run hv1's agent at this nice value: in production it is on "
                          "another machine, here it shares gw1's 2 cores (an experiment; "
-                         "the goals are judged without it)")
+                         "the goals are judged without it). From the second size on, "
+                         "hv1's agent is usually the NB writer (the first size's resync "
+                         "restarts gw1's), so this slows the writes gw1 waits for too")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     with running_sandbox(gateways=1, hypervisors=1, vms=16, resync=3600.0) as (sb, topo):
