@@ -331,8 +331,9 @@ def reconcile_nb(
     maps untouched (a typo must not cost backends their bucket ids) and only its
     status changes to "error: ...".
 
-    `statelesslb:active` records, per VIP, the buckets the gateways use (drained
-    backends left out). With second chance, a change takes two passes: the first
+    With second chance, `statelesslb:active` records, per VIP, the buckets the
+    gateways use (drained backends left out); without it there is no such key, and
+    the gateways use the LB's backends as they are. A change takes two passes: the first
     publishes the gateways' current set as `statelesslb:previous` stamped with
     `now`; a later one moves `active` once every chassis where a backend of either
     set is bound (per `sb`) acknowledged that previous set in `installed` ({chassis
@@ -436,6 +437,14 @@ def _desired_ids(
         EXT_VIP_IDS: dump_id_map(vip_ids),
         EXT_BUCKETS: dump_id_map(bucket_ids),
     }
+    if not valid.second_chance:
+        # No set to record: without a second chance the gateways use the NB's backends
+        # less the drained ones, as they are (what `active` would say). Most of the
+        # bytes the writer adds to an LB row are its active set, and every NB client
+        # that downloads the NB (ovn-nbctl, for each command) pays for them.
+        desired[EXT_ACTIVE] = desired[EXT_PREVIOUS] = None
+        desired[EXT_STATUS] = _format_status(notes)
+        return desired, _NO_OUTLOOK
     active = {
         vip.key: {
             b.key: [bucket_ids[b.key], b.mac, b.lsp_name]
@@ -461,8 +470,8 @@ def _desired_ids(
                 notes.append(f"no statelesslb agent acknowledges on {join(state.silent)}")
             outlook = _Outlook(previous[0] + valid.window if state.waiting or state.silent
                                else None, True)
-    elif not old or not valid.second_chance:
-        # First time, or no second chance to prepare: the gateways move at once.
+    elif not old:
+        # First time (or second chance just turned on): the gateways move at once.
         desired[EXT_ACTIVE] = active_text
     elif previous is None or previous[1] != old:
         # Phase 1: publish the gateways' current set as "previous" and leave "active"

@@ -66,7 +66,8 @@ class StoredIds:
     # The gateways' bucket set before the last change, while its window is open.
     previous: Mapping[str, Mapping[str, tuple[int, str, str]]] = field(default_factory=dict)
     previous_until: float | None = None
-    # The NB writer's `statelesslb:active`: what the gateways' groups hold.
+    # The NB writer's `statelesslb:active`: what the gateways' groups hold (second
+    # chance only; empty: the VIP's backends with ids, less the drained ones).
     active: Mapping[str, Mapping[str, tuple[int, str, str]]] = field(default_factory=dict)
     # Backends the NB lists but the NB writer has not given an id yet (just added):
     # planned without them meanwhile, so the others keep serving.
@@ -114,9 +115,14 @@ def read_ids(lb: NbLoadBalancer, valid: ValidLb, now: float) -> StoredIds | LbPl
             or len(set(own_bucket_ids)) != len(own_bucket_ids)):
         return LbPlanStatus(name, STATE_PENDING,
                             "stored ids repeat; waiting for the NB writer to re-assign them")
+    if not valid.second_chance:
+        # The gateways use the backends as the NB lists them: a stale `active` or
+        # `previous` (left from second chance, or by an older writer) is not in force.
+        return StoredIds(vip_ids, bucket_ids, parse_drain(ext.get(EXT_DRAIN)),
+                         unassigned=unassigned)
     previous = parse_previous(ext.get(EXT_PREVIOUS))
     active = parse_active(ext.get(EXT_ACTIVE))
-    if previous is not None and valid.second_chance and now < previous[0] + valid.window:
+    if previous is not None and now < previous[0] + valid.window:
         return StoredIds(vip_ids, bucket_ids, parse_drain(ext.get(EXT_DRAIN)), previous[1],
                          previous[0] + valid.window, active, unassigned)
     return StoredIds(vip_ids, bucket_ids, parse_drain(ext.get(EXT_DRAIN)), active=active,

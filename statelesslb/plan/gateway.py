@@ -130,8 +130,9 @@ def _gateway_members(
 
     From the NB writer's `active` set when there is one: it changes only after the
     backends' chassis had a second to install the set before it, so gateways never
-    steer a flow somewhere before the second chance for it exists. Before the
-    writer's first pass, from the VIP's backends less the drained ones.
+    steer a flow somewhere before the second chance for it exists. Without second
+    chance (no `active` set), or before the writer's first pass, from the VIP's
+    backends that have ids, less the drained ones.
     """
     active = ids.active.get(vip.key)
     if active is None:

@@ -175,3 +175,44 @@ def test_the_wait_is_bounded_and_a_late_chassis_is_named(running, topo):
 
     # Once it catches up, the status says all is well again.
     wait_until(lambda: lb_status(sandbox, name) == "ok", 10, 0.05, "status ok")
+
+
+def _other_gateway_buckets(sandbox, gateway: str, gid: int) -> set[int]:
+    group = our_groups(sandbox.chassis[gateway], known=(gid,)).get(gid)
+    return set(group.buckets) if group is not None else set()
+
+
+@pytest.mark.parametrize("persistence", ["hash", "second-chance"])
+def test_plain_hashing_does_not_wait_for_the_nb_writer(running, topo, persistence):
+    """Without second chance the NB holds no active set: a gateway drops a removed
+    backend's bucket on the NB change itself, even with the NB writer paused. With
+    second chance it waits for the writer's two phases."""
+    sandbox = running
+    vip, name = ("172.16.0.120", "lbh") if persistence == "hash" else ("172.16.0.121", "lbs")
+    create_lb(sandbox, name, f"{vip}:80", THREE)
+    sandbox.nbctl("set", "load_balancer", name,
+                  f"options:stateless_persistence={persistence}")
+    gid = wait_lb_ready(sandbox, name, f"{vip}:80", 3, topo=topo)
+    ids = lb_ids(sandbox, name)[1]
+    assert ("statelesslb:active" in lb_external_ids(sandbox, name)) == (
+        persistence == "second-chance")
+    writer = _writer(sandbox)
+    gateway = "gw2" if writer == "gw1" else "gw1"   # one whose agent is not paused
+    wait_until(lambda: _other_gateway_buckets(sandbox, gateway, gid) == set(ids.values()),
+               10, 0.05, f"{gateway}'s group")
+    kept = {ids[b] for b in THREE[:2]}
+    with _paused(sandbox, writer):
+        sandbox.nbctl("set", "load_balancer", name, f'vips:"{vip}:80"="{",".join(THREE[:2])}"')
+        if persistence == "hash":
+            wait_until(lambda: _other_gateway_buckets(sandbox, gateway, gid) == kept,
+                       10, 0.02, f"{gateway} without the removed backend")
+        else:
+            time.sleep(2)
+            assert _other_gateway_buckets(sandbox, gateway, gid) == set(ids.values())
+        # The writer did nothing meanwhile: the removed backend still has its id.
+        assert lb_ids(sandbox, name)[1] == ids
+    wait_until(lambda: lb_ids(sandbox, name)[1] == {b: ids[b] for b in THREE[:2]}, 10, 0.05,
+               "the NB writer's ids after the resumption")
+    wait_until(lambda: _other_gateway_buckets(sandbox, gateway, gid) == kept, 15, 0.05,
+               f"{gateway} on the new set")
+    sandbox.nbctl("lb-del", name)

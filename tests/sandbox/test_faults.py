@@ -11,13 +11,12 @@ import time
 import pytest
 
 from statelesslb.sandbox import agents
-from statelesslb.sandbox.processes import wait_until
+from statelesslb.sandbox.processes import parse_ctl_json, wait_until
 from statelesslb.sandbox.topology import wait_bound
 from statelesslb.sandbox.traffic import (
     GROUP_BASE,
     create_lb,
     find_arrival,
-    lb_external_ids,
     lb_ids,
     lb_status,
     our_flows,
@@ -60,14 +59,29 @@ def expected_groups(sandbox, names):
 
 
 def active_groups(sandbox, names):
-    """{group id: set(bucket ids)} of the NB writer's active sets (drained ones left out)."""
+    """{group id: set(bucket ids)} in force for the gateways: the NB writer's active sets
+    with second chance, else the VIP's listed backends that have ids (drained ones left
+    out either way)."""
     out = {}
-    for name in names:
-        ext = lb_external_ids(sandbox, name)
+    rows = parse_ctl_json(sandbox.nbctl("--format=json", "--columns=name,vips,external_ids",
+                                        "list", "load_balancer"))
+    for row in rows:
+        if row["name"] not in names:
+            continue
+        ext = row["external_ids"]
         vip_ids = json.loads(ext.get("statelesslb:vip_ids", "{}"))
-        for vip, backends in json.loads(ext.get("statelesslb:active", "{}")).items():
+        if "statelesslb:active" in ext:
+            active = {vip: {entry[0] for entry in backends.values()} for vip, backends
+                      in json.loads(ext["statelesslb:active"]).items()}
+        else:
+            buckets = json.loads(ext.get("statelesslb:buckets", "{}"))
+            drained = set(json.loads(ext.get("statelesslb:drain", "[]")))
+            active = {vip: {buckets[b] for b in listed.split(",")
+                            if b in buckets and b not in drained}
+                      for vip, listed in row["vips"].items()}
+        for vip, bucket_ids in active.items():
             if vip in vip_ids:
-                out[GROUP_BASE + vip_ids[vip]] = {entry[0] for entry in backends.values()}
+                out[GROUP_BASE + vip_ids[vip]] = bucket_ids
     return out
 
 

@@ -147,18 +147,53 @@ def ids_of(topo, name, key=EXT_BUCKETS):
     return json.loads(topo.lb(name).external_ids[key])
 
 
-def test_fresh_lb_gets_ids_and_ok_status_then_nothing_changes():
+ACTIVE_TEXT = ('{"172.16.0.100:80":{"10.0.0.11:8080":[1,"50:54:00:00:00:01","vm1"],'
+               '"10.0.0.12:8080":[2,"50:54:00:00:00:02","vm2"]}}')
+
+
+@pytest.mark.parametrize("persistence", ["hash", "affinity", "second-chance"])
+def test_fresh_lb_gets_ids_and_ok_status_then_nothing_changes(persistence):
     topo = basic_topo()
+    lb = topo.lb("lb0")
+    topo.update_lb("lb0", options={**lb.options, PERSISTENCE_OPTION: persistence})
     changes = reconcile_nb(topo.load_balancers.values(), topo.nb())
-    assert changes == {"uuid-lb-lb0": {
+    want = {
         EXT_VIP_IDS: '{"172.16.0.100:80":1}',
         EXT_BUCKETS: '{"10.0.0.11:8080":1,"10.0.0.12:8080":2}',
         EXT_STATUS: "ok",
-        EXT_ACTIVE: '{"172.16.0.100:80":{"10.0.0.11:8080":[1,"50:54:00:00:00:01","vm1"],'
-                    '"10.0.0.12:8080":[2,"50:54:00:00:00:02","vm2"]}}',
-    }}
+    }
+    if persistence == "second-chance":
+        # Only a second chance needs the set the gateways use recorded: the next change
+        # publishes it as the previous set.
+        want[EXT_ACTIVE] = ACTIVE_TEXT
+    assert changes == {"uuid-lb-lb0": want}
     topo.write(changes)
     assert reconcile_nb(topo.load_balancers.values(), topo.nb()) == {}
+
+
+def test_the_active_set_comes_and_goes_with_second_chance():
+    topo = basic_topo()
+    lb = topo.lb("lb0")
+    topo.writer_pass()
+    assert EXT_ACTIVE not in topo.lb("lb0").external_ids
+    # Turned on: recorded at once (there is no earlier set to keep).
+    topo.update_lb("lb0", options={**lb.options, PERSISTENCE_OPTION: "second-chance"})
+    changes = reconcile_nb(topo.load_balancers.values(), topo.nb(), now=1000.0)
+    assert changes == {"uuid-lb-lb0": {EXT_ACTIVE: ACTIVE_TEXT}}
+    topo.write(changes)
+    # A change: phase 1 publishes the previous set.
+    topo.update_lb("lb0", vips={"172.16.0.100:80": "10.0.0.11:8080"})
+    changes = reconcile_nb(topo.load_balancers.values(), topo.nb(), now=1001.0)
+    assert EXT_PREVIOUS in changes["uuid-lb-lb0"]
+    topo.write(changes)
+    # Turned off in the middle of it: both sets go (an older writer's stale ones too).
+    topo.update_lb("lb0", options={**lb.options, PERSISTENCE_OPTION: "hash"})
+    changes = reconcile_nb(topo.load_balancers.values(), topo.nb(), now=1002.0)
+    assert changes["uuid-lb-lb0"][EXT_ACTIVE] is None
+    assert changes["uuid-lb-lb0"][EXT_PREVIOUS] is None
+    topo.write(changes)
+    assert {EXT_ACTIVE, EXT_PREVIOUS}.isdisjoint(topo.lb("lb0").external_ids)
+    assert reconcile_nb(topo.load_balancers.values(), topo.nb(), now=1003.0) == {}
 
 
 def test_backend_shared_by_two_vips_of_one_lb_shares_its_bucket_id():

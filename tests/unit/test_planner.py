@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from ovs.flow.ofp import OFPFlow
 
 from statelesslb.nb.model import (
+    EXT_ACTIVE,
     EXT_BUCKETS,
     EXT_DRAIN,
     EXT_VIP_IDS,
+    PERSISTENCE_OPTION,
     NbView,
     SbPortBinding,
     SbView,
@@ -194,17 +196,35 @@ def test_every_rendered_flow_parses_as_an_ovs_flow(topo):
 # -- drain, dedupe, several DGPs ----------------------------------------------------
 
 
-def test_drained_backend_loses_its_bucket_but_keeps_its_dnat_flows(topo):
+def _with_persistence(topo, persistence: str) -> None:
+    lb = topo.lb("lb0")
+    topo.update_lb("lb0", options={**lb.options, PERSISTENCE_OPTION: persistence})
+    topo.assign_ids()
+
+
+@pytest.mark.parametrize("persistence", ["hash", "second-chance"])
+def test_drained_backend_loses_its_bucket_but_keeps_its_dnat_flows(topo, persistence):
+    _with_persistence(topo, persistence)
     ext = dict(topo.lb("lb0").external_ids)
     ext[EXT_DRAIN] = '["10.0.0.11:8080"]'
     topo.update_lb("lb0", external_ids=ext)
-    # The gateways follow the NB writer's active set, not the raw drain list.
     [group] = planned(topo, "gw1").groups.values()
-    assert list(group.buckets) == [1, 2]
+    if persistence == "second-chance":
+        # The gateways follow the NB writer's active set, not the raw drain list.
+        assert list(group.buckets) == [1, 2]
+        topo.assign_ids()
+        [group] = planned(topo, "gw1").groups.values()
+    else:
+        # No active set: the drain takes effect without waiting for the NB writer.
+        assert EXT_ACTIVE not in topo.lb("lb0").external_ids
+    assert list(group.buckets) == [2]
     topo.assign_ids()
     [group] = planned(topo, "gw1").groups.values()
     assert list(group.buckets) == [2]
-    assert len(lb_flows(planned(topo, "hv1"))) == BACKEND_FLOWS
+    hv1 = lb_flows(planned(topo, "hv1"))
+    assert any("nat(dst=10.0.0.11:8080)" in f.actions for f in hv1)
+    if persistence == "hash":   # (second chance adds the previous set's flows)
+        assert len(hv1) == BACKEND_FLOWS
 
 
 def test_all_backends_drained_leaves_an_empty_group(topo):
@@ -261,7 +281,23 @@ def test_lb_without_ids_is_pending_and_plans_nothing():
     assert lb_flows(result) == [] and result.groups == {}
 
 
-def test_new_backend_without_bucket_id_is_pending_and_the_others_keep_serving(topo):
+def test_a_stale_active_set_is_not_in_force_without_second_chance(topo):
+    # An older NB writer, or second chance just turned off: the row still holds an
+    # active set, with vm2 only. Plain hashing uses the backends the NB lists.
+    stale = '{"172.16.0.100:80":{"10.0.0.12:8080":[2,"50:54:00:00:00:02","vm2"]}}'
+    topo.update_lb("lb0", external_ids={**topo.lb("lb0").external_ids, EXT_ACTIVE: stale})
+    [group] = planned(topo, "gw1").groups.values()
+    assert list(group.buckets) == [1, 2]
+    lb = topo.lb("lb0")
+    topo.update_lb("lb0", options={**lb.options, PERSISTENCE_OPTION: "second-chance"})
+    [group] = planned(topo, "gw1").groups.values()
+    assert list(group.buckets) == [2]
+
+
+@pytest.mark.parametrize("persistence", ["hash", "second-chance"])
+def test_new_backend_without_bucket_id_is_pending_and_the_others_keep_serving(
+        topo, persistence):
+    _with_persistence(topo, persistence)
     before_gw, before_hv1 = planned(topo, "gw1"), planned(topo, "hv1")
     topo.add_vif("ls0", "vm3", "50:54:00:00:00:03", "10.0.0.13", "hv1")
     topo.update_lb("lb0", vips={"172.16.0.100:80": "10.0.0.11:8080,10.0.0.13:8080"})
@@ -273,9 +309,17 @@ def test_new_backend_without_bucket_id_is_pending_and_the_others_keep_serving(to
             "(the other backends are served)")
     # vm1 (10.0.0.11) keeps its bucket and its flows: taking them away until the NB
     # writer catches up reset its connections (seen in the sandbox).
-    # The gateway's group stays what the NB writer's active set says until it moves it.
-    vm1_bucket = json.loads(topo.lb("lb0").external_ids[EXT_BUCKETS])["10.0.0.11:8080"]
-    assert gw.groups == before_gw.groups
+    buckets = json.loads(topo.lb("lb0").external_ids[EXT_BUCKETS])
+    vm1_bucket, vm2_bucket = buckets["10.0.0.11:8080"], buckets["10.0.0.12:8080"]
+    if persistence == "second-chance":
+        # The gateway's group stays what the NB writer's active set says until it
+        # moves it: vm2 too, though the NB no longer lists it.
+        assert gw.groups == before_gw.groups
+    else:
+        # Without an active set the group is the listed backends that have ids: vm2
+        # leaves at once, vm3 waits for its id.
+        assert all(vm2_bucket not in g.buckets for g in gw.groups.values())
+        assert all(list(g.buckets) == [vm1_bucket] for g in gw.groups.values())
     assert all(vm1_bucket in g.buckets for g in gw.groups.values())
     assert any("nat(dst=10.0.0.11:8080)" in f.actions for f in lb_flows(hv1))
     assert {f.key for f in lb_flows(before_hv1)} <= {f.key for f in lb_flows(hv1)}
