@@ -1,5 +1,6 @@
 """What the NB writer's keys cost every NB client: bytes per LB row, and the latency of
-an `ovn-nbctl` read and write (it downloads the whole NB each time), with N LBs of 16
+an `ovn-nbctl` read and write (each command downloads the columns it uses, of every
+row; a write of `external_ids` downloads that column of every LB), with N LBs of 16
 backends on one gateway. Three kinds of LB, one after the other in one sandbox:
 - stateless with second chance (the NB writer records the gateways' active set);
 - stateless with plain hashing (ids and status only);

@@ -440,8 +440,8 @@ def _desired_ids(
     if not valid.second_chance:
         # No set to record: without a second chance the gateways use the NB's backends
         # less the drained ones, as they are (what `active` would say). Most of the
-        # bytes the writer adds to an LB row are its active set, and every NB client
-        # that downloads the NB (ovn-nbctl, for each command) pays for them.
+        # bytes the writer adds to an LB row are its active set, and every ovn-nbctl
+        # command that touches LB external_ids downloads them for every LB.
         desired[EXT_ACTIVE] = desired[EXT_PREVIOUS] = None
         desired[EXT_STATUS] = _format_status(notes)
         return desired, _NO_OUTLOOK
