@@ -180,8 +180,9 @@ def main() -> None:
         print("resync: gw1's agent restarted with its groups in place, from the start to "
               "its first full read listing all N groups; after commit: the change from "
               "`ovn-nbctl` returning (its NB transaction committed) to the group seen "
-              "changed, without the client's own time (it downloads the whole NB); RSS: gw1's "
-              "agent (the goal), hv1 RSS: the agent of the chassis with all 16 backends "
+              "changed, without the client's own time (it first downloads the columns it "
+              "uses, of every row); RSS: gw1's agent (the goal), hv1 RSS: the agent of "
+              "the chassis with all 16 backends "
               "(16 x N backend flows); goals: "
               "install and resync ratios <= 2, change ratio <= 1, RSS <= 250 MiB at 10,000",
               flush=True)
