@@ -8,7 +8,8 @@ share.
 - `Tracker` (a thread) notes when each committed change shows on a gateway's group;
 - `lock_intervals` reads, from the agents' logs, when each agent held the NB writer lock
   (the lines watchers.WatchedIdl logs from the IDL thread as it happens);
-- `check_groups` compares every gateway's groups with the NB's active bucket sets.
+- `check_groups` compares every gateway's groups with the bucket sets the NB puts in
+  force (traffic.groups_in_force).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from statelesslb.nb.model import EXT_ACTIVE, EXT_BUCKETS, EXT_VIP_IDS
+from statelesslb.nb.model import EXT_BUCKETS, EXT_VIP_IDS
 from statelesslb.sandbox.chassis import Chassis
 from statelesslb.sandbox.core import Sandbox
 from statelesslb.sandbox.processes import CommandError, parse_ctl_json, wait_until
-from statelesslb.sandbox.traffic import GROUP_BASE, our_groups
+from statelesslb.sandbox.traffic import GROUP_BASE, groups_in_force, our_groups
 
 LOG = logging.getLogger(__name__)
 
@@ -377,15 +378,10 @@ def lock_history(sb: Sandbox, deaths: dict[str, list[float]] | None = None,
 
 
 def check_groups(sb: Sandbox, gids: dict[str, int]) -> list[str]:
-    """Every gateway's group of every LB holds exactly the bucket ids of the NB's active
-    set: returns what differs (empty: all equal)."""
-    rows = parse_ctl_json(sb.nbctl("--format=json", "--columns=name,external_ids",
-                                   "list", "load_balancer"))
-    wants = {}
-    for r in rows:
-        if r["name"] in gids:
-            active = json.loads(r["external_ids"].get(EXT_ACTIVE, "{}"))
-            wants[r["name"]] = {v[0] for vip in active.values() for v in vip.values()}
+    """Every gateway's group of every LB holds exactly the bucket ids the NB puts in
+    force: returns what differs (empty: all equal)."""
+    in_force = groups_in_force(sb)
+    wants = {name: in_force.get(name, {}).get(gid) for name, gid in gids.items()}
     problems = []
     for gw in sb.gateway_chassis:
         installed = our_groups(gw, known=tuple(gids.values()))
@@ -393,7 +389,7 @@ def check_groups(sb: Sandbox, gids: dict[str, int]) -> list[str]:
             have = set(installed[gid].buckets) if gid in installed else None
             if have != wants.get(name):
                 problems.append(f"{gw.name} {name}: group {gid:#x} has {have}, "
-                                f"NB active {wants.get(name)}")
+                                f"NB {wants.get(name)}")
     return problems
 
 

@@ -10,7 +10,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from statelesslb.nb.model import EXT_BUCKETS, EXT_STATUS, EXT_VIP_IDS
+from statelesslb.nb.model import EXT_ACTIVE, EXT_BUCKETS, EXT_DRAIN, EXT_STATUS, EXT_VIP_IDS
 from statelesslb.openflow.ofctl import InstalledGroup, Ofctl, parse_groups
 from statelesslb.plan.specs import our_cookies
 from statelesslb.sandbox import packets as P
@@ -50,6 +50,30 @@ def lb_ids(sb: Sandbox, name: str) -> tuple[dict[str, int], dict[str, int]]:
     # Plain json, not the product's reader (nb.stored.stored_ids): the tests read
     # the NB on their own, so that a bug in that reader cannot cancel out.
     return json.loads(ext.get(EXT_VIP_IDS, "{}")), json.loads(ext.get(EXT_BUCKETS, "{}"))
+
+
+def groups_in_force(sb: Sandbox) -> dict[str, dict[int, set[int]]]:
+    """{LB name: {gateway group id: bucket ids}} the gateways must hold, read from the NB:
+    the NB writer's active set with second chance, else the VIP's listed backends that
+    have ids; drained ones left out either way. Plain json, as in lb_ids."""
+    rows = parse_ctl_json(sb.nbctl("--format=json", "--columns=name,vips,external_ids",
+                                   "list", "load_balancer"))
+    out: dict[str, dict[int, set[int]]] = {}
+    for row in rows:
+        ext = row["external_ids"]
+        vip_ids = json.loads(ext.get(EXT_VIP_IDS, "{}"))
+        if EXT_ACTIVE in ext:
+            sets = {vip: {entry[0] for entry in backends.values()}
+                    for vip, backends in json.loads(ext[EXT_ACTIVE]).items()}
+        else:
+            buckets = json.loads(ext.get(EXT_BUCKETS, "{}"))
+            drained = set(json.loads(ext.get(EXT_DRAIN, "[]")))
+            sets = {vip: {buckets[b] for b in listed.split(",")
+                          if b in buckets and b not in drained}
+                    for vip, listed in row["vips"].items()}
+        out[row["name"]] = {GROUP_BASE + vip_ids[vip]: ids for vip, ids in sets.items()
+                            if vip in vip_ids}
+    return out
 
 
 def our_flows(chassis: Chassis) -> list[str]:

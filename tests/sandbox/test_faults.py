@@ -11,12 +11,13 @@ import time
 import pytest
 
 from statelesslb.sandbox import agents
-from statelesslb.sandbox.processes import parse_ctl_json, wait_until
+from statelesslb.sandbox.processes import wait_until
 from statelesslb.sandbox.topology import wait_bound
 from statelesslb.sandbox.traffic import (
     GROUP_BASE,
     create_lb,
     find_arrival,
+    groups_in_force,
     lb_ids,
     lb_status,
     our_flows,
@@ -59,30 +60,9 @@ def expected_groups(sandbox, names):
 
 
 def active_groups(sandbox, names):
-    """{group id: set(bucket ids)} in force for the gateways: the NB writer's active sets
-    with second chance, else the VIP's listed backends that have ids (drained ones left
-    out either way)."""
-    out = {}
-    rows = parse_ctl_json(sandbox.nbctl("--format=json", "--columns=name,vips,external_ids",
-                                        "list", "load_balancer"))
-    for row in rows:
-        if row["name"] not in names:
-            continue
-        ext = row["external_ids"]
-        vip_ids = json.loads(ext.get("statelesslb:vip_ids", "{}"))
-        if "statelesslb:active" in ext:
-            active = {vip: {entry[0] for entry in backends.values()} for vip, backends
-                      in json.loads(ext["statelesslb:active"]).items()}
-        else:
-            buckets = json.loads(ext.get("statelesslb:buckets", "{}"))
-            drained = set(json.loads(ext.get("statelesslb:drain", "[]")))
-            active = {vip: {buckets[b] for b in listed.split(",")
-                            if b in buckets and b not in drained}
-                      for vip, listed in row["vips"].items()}
-        for vip, bucket_ids in active.items():
-            if vip in vip_ids:
-                out[GROUP_BASE + vip_ids[vip]] = bucket_ids
-    return out
+    """{group id: set(bucket ids)} in force for the gateways of these LBs."""
+    in_force = groups_in_force(sandbox)
+    return {gid: ids for name in names for gid, ids in in_force.get(name, {}).items()}
 
 
 def test_kill_9_in_the_middle_of_a_large_change(sandbox, topo, lb1):
